@@ -1,0 +1,3 @@
+from bnwd_cli.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Placeholder: this command is registered by its own issue."""
