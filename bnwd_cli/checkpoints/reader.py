@@ -1,0 +1,243 @@
+"""Opening one logical checkpoint (a file, or a folder of shards) for lazy tensor reads.
+
+Nothing here reads a whole checkpoint into memory: torch zip files are memory-mapped
+(`torch.load(mmap=True)`), safetensors are opened with `safe_open`, and a tensor's bytes are
+only touched when `get` is called for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from bnwd_cli.checkpoints.formats import (
+    CheckpointFormat,
+    FileKind,
+    Payload,
+    interpret_payload,
+    is_optimizer_state,
+    sniff,
+)
+from bnwd_cli.checkpoints.keys import normalize_keys
+from bnwd_cli.checkpoints.safe_load import load_torch_file
+from bnwd_cli.errors import CheckpointError
+
+
+class TensorSource(Protocol):
+    """Named tensors of one checkpoint, read on demand."""
+
+    def names(self) -> list[str]:
+        """Normalized parameter/buffer names, in the order the file stores them."""
+        ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class DictTensorSource:
+    """Tensors of a loaded (memory-mapped) state dict, under normalized names."""
+
+    def __init__(
+        self, state_dict: Mapping[str, torch.Tensor], *, strip_common_prefix: bool
+    ) -> None:
+        tensor_keys = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor)]
+        mapping = normalize_keys(tensor_keys, strip_common_prefix=strip_common_prefix)
+        self._tensors: dict[str, torch.Tensor] | None = {
+            mapping[k]: state_dict[k] for k in tensor_keys
+        }
+        self.original_names = {mapping[k]: k for k in tensor_keys}
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            raise RuntimeError("checkpoint already closed")
+        return self._tensors
+
+    def names(self) -> list[str]:
+        return list(self._live())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._live()[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._live()[name]
+
+    def close(self) -> None:
+        # Dropping the references releases the memory map.
+        self._tensors = None
+
+
+class SafetensorsSource:
+    """Tensors spread over one or more safetensors files (a sharded save)."""
+
+    def __init__(self, files: tuple[Path, ...]) -> None:
+        self._handles: list[Any] = []
+        owner: dict[str, tuple[int, str]] = {}
+        for index, file in enumerate(files):
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(file, f"is not a readable safetensors file ({exc})") from None
+            self._handles.append(handle)
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles have no __iter__)
+                owner[key] = (index, key)
+        mapping = normalize_keys(owner)
+        self._owner = {mapping[k]: owner[k] for k in owner}
+        self._files = files
+        self.original_names = {mapping[k]: k for k in owner}
+
+    def names(self) -> list[str]:
+        return list(self._owner)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        index, key = self._owner[name]
+        return tuple(self._handles[index].get_slice(key).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        index, key = self._owner[name]
+        try:
+            tensor: torch.Tensor = self._handles[index].get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                self._files[index], f"tensor '{key}' cannot be read ({exc})"
+            ) from None
+        return tensor
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One point of a run: where its weights (and optimizer state) are, and its position."""
+
+    label: str
+    """What the user sees: the path relative to the run folder."""
+    weight_files: tuple[Path, ...]
+    format: CheckpointFormat
+    step: int | None = None
+    epoch: int | None = None
+    optimizer_file: Path | None = None
+    """A separate optimizer state file (the Hugging Face Trainer's `optimizer.pt`)."""
+    mtime: float = 0.0
+    step_from_metadata: bool = False
+
+
+@dataclass
+class OpenCheckpoint:
+    """A checkpoint opened for reading. Use as a context manager, or call `close`."""
+
+    ref: CheckpointRef
+    weights: TensorSource
+    _optimizer_state: Mapping[str, Any] | None = None
+    _trust_pickle: bool = False
+    notes: tuple[str, ...] = ()
+    has_ema: bool = False
+    _optimizer_loaded: bool = field(default=False, repr=False)
+
+    @property
+    def optimizer_state(self) -> Mapping[str, Any] | None:
+        """The optimizer's `state_dict()`, read on first access (it may be a separate file)."""
+        if not self._optimizer_loaded:
+            self._optimizer_loaded = True
+            if self._optimizer_state is None and self.ref.optimizer_file is not None:
+                loaded = load_torch_file(self.ref.optimizer_file, trust_pickle=self._trust_pickle)
+                if is_optimizer_state(loaded):
+                    self._optimizer_state = loaded
+        return self._optimizer_state
+
+    def close(self) -> None:
+        self.weights.close()
+        self._optimizer_state = None
+
+    def __enter__(self) -> OpenCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(
+    ref: CheckpointRef, *, trust_pickle: bool = False, use_ema: bool = False
+) -> OpenCheckpoint:
+    """Open a discovered checkpoint for lazy reads."""
+    kinds = {sniff(f) for f in ref.weight_files}
+    if kinds == {FileKind.SAFETENSORS}:
+        if use_ema:
+            raise CheckpointError(ref.weight_files[0], "safetensors weights carry no EMA copy")
+        return OpenCheckpoint(ref, SafetensorsSource(ref.weight_files), _trust_pickle=trust_pickle)
+    payloads = [
+        _load_payload(f, trust_pickle=trust_pickle, use_ema=use_ema) for f in ref.weight_files
+    ]
+    merged: dict[str, torch.Tensor] = {}
+    for payload in payloads:
+        merged.update(payload.state_dict)
+    first = payloads[0]
+    source = DictTensorSource(
+        merged, strip_common_prefix=first.format is CheckpointFormat.LIGHTNING
+    )
+    return OpenCheckpoint(
+        ref,
+        source,
+        _optimizer_state=first.optimizer_state,
+        _trust_pickle=trust_pickle,
+        notes=first.notes,
+        has_ema=first.ema_key is not None,
+    )
+
+
+def _load_payload(path: Path, *, trust_pickle: bool, use_ema: bool) -> Payload:
+    kind = sniff(path)
+    if kind not in (FileKind.TORCH_ZIP, FileKind.TORCH_LEGACY):
+        raise CheckpointError(path, "is not a PyTorch or safetensors checkpoint")
+    return interpret_payload(
+        path, load_torch_file(path, trust_pickle=trust_pickle), use_ema=use_ema
+    )
+
+
+def shard_files(index_file: Path) -> tuple[Path, ...]:
+    """The shard files a `*.index.json` names, in first-appearance order."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        names = list(dict.fromkeys(str(v) for v in weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(index_file, f"is not a valid shard index ({exc})") from None
+    files = tuple(index_file.parent / n for n in names)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            index_file, f"names shard files that do not exist: {', '.join(missing)}"
+        )
+    return files
+
+
+def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load the model weights of one checkpoint (a file or a checkpoint folder), names normalized.
+
+    For callers that need the tensors themselves (e.g. to load trained weights into a model);
+    the analysis commands stream tensors through `open_checkpoint` instead.
+    """
+    from bnwd_cli.checkpoints.discover import discover_run
+
+    run = discover_run(path, trust_pickle=trust_pickle, strict=True)
+    if len(run.checkpoints) != 1:
+        raise CheckpointError(path, f"holds {len(run.checkpoints)} checkpoints; name one file")
+    with open_checkpoint(run.checkpoints[0], trust_pickle=trust_pickle) as ckpt:
+        return {name: ckpt.weights.get(name).clone() for name in ckpt.weights.names()}
+
+
+def iter_open(
+    refs: tuple[CheckpointRef, ...], *, trust_pickle: bool = False, use_ema: bool = False
+) -> Iterator[OpenCheckpoint]:
+    """Open checkpoints one after another; the caller closes each when done with it."""
+    for ref in refs:
+        yield open_checkpoint(ref, trust_pickle=trust_pickle, use_ema=use_ema)

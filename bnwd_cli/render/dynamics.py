@@ -1,0 +1,313 @@
+"""Rendering `bnwd inspect` results: Rich table, tidy CSV, JSON, Markdown."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bnwd_cli._version import __version__
+from bnwd_cli.graph.classes import ParamKind
+from bnwd_cli.metrics.dynamics import LayerDynamics, RunDynamics, layers_by_kind
+from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
+from bnwd_cli.render.serialize import dumps, to_data
+
+SPARK = "▁▂▃▄▅▆▇█"
+KIND_TITLES = {
+    ParamKind.SCALE_INVARIANT: "Scale-invariant weights (decay only sets their effective LR)",
+    ParamKind.NORM_AFFINE: "Normalization gamma/beta",
+    ParamKind.DEAD_BIAS: "Dead biases (removed by the following BatchNorm)",
+    ParamKind.SCALE_SENSITIVE: "Scale-sensitive parameters (decay is ordinary L2)",
+}
+
+
+def sparkline(values: Sequence[float], width: int = 12) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return ""
+    if len(values) > width:  # sample evenly, always keeping the last point
+        values = [values[round(i * (len(values) - 1) / (width - 1))] for i in range(width)]
+    lo, hi = min(finite), max(finite)
+    span = hi - lo
+    out = []
+    for v in values:
+        if not math.isfinite(v):
+            out.append("!")
+        elif span <= 1e-12 * max(abs(hi), 1e-300):
+            out.append(SPARK[3])
+        else:
+            out.append(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))])
+    return "".join(out)
+
+
+def fmt(value: float | None, spec: str = ".3g") -> str:
+    if value is None:
+        return "–"
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return format(value, spec)
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "–" if value is None else f"×{fmt(value, '.2f')}" if math.isfinite(value) else fmt(value)
+
+
+def degrees(radians: float | None) -> str:
+    return "–" if radians is None else f"{fmt(math.degrees(radians), '.3g')}°"
+
+
+def _notes(layer: LayerDynamics) -> str:
+    c = layer.classification
+    parts: list[str] = []
+    if c.kind is ParamKind.SCALE_INVARIANT:
+        parts.append(c.granularity.value)
+    last = layer.points[-1]
+    if last.weight_decay is not None:
+        parts.append(f"wd {fmt(last.weight_decay)}")
+    if any(p.nonfinite for p in layer.points):
+        parts.append("NaN/Inf!")
+    if last.row_norm_cv is not None:
+        parts.append(f"row-norm cv {fmt(last.row_norm_cv, '.2f')}")
+    return ", ".join(parts)
+
+
+def render_table(
+    report: RunDynamics, *, per_checkpoint: bool = False, width: int | None = None
+) -> str:
+    console = Console(
+        file=io.StringIO(), width=width or 140, color_system=None, force_terminal=False
+    )
+    console.print(_header(report), highlight=False)
+    for kind, layers in layers_by_kind(report.layers).items():
+        if not layers:
+            continue
+        if per_checkpoint:
+            for layer in layers:
+                console.print(_checkpoint_table(report, layer))
+        else:
+            console.print(_summary_table(KIND_TITLES[kind], kind, layers))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    return str(out)
+
+
+def _header(report: RunDynamics) -> Text:
+    run = report.run
+    steps = [c.step for c in report.checkpoints if c.step is not None]
+    span = f", steps {steps[0]}–{steps[-1]}" if len(steps) >= 2 else ""
+    formats = sorted({c.format for c in report.checkpoints})
+    family = report.optimizer_family.value if report.optimizer_family else "no optimizer state"
+    lrs = sorted({lr for c in report.checkpoints for lr in c.lrs})
+    lr_text = (
+        f", lr {fmt(lrs[0])}"
+        if len(lrs) == 1
+        else (f", lr {fmt(lrs[0])}…{fmt(lrs[-1])}" if lrs else "")
+    )
+    return Text(
+        f"{run.root}: {len(report.checkpoints)} checkpoints{span} ({', '.join(formats)}), "
+        f"ordered by {run.order_source.value}\n"
+        f"optimizer: {family}{lr_text}; layers classified by {report.classification_method.value}"
+    )
+
+
+def _summary_table(title: str, kind: ParamKind, layers: Sequence[LayerDynamics]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", overflow="fold")
+    table.add_column("shape")
+    table.add_column("norm first→last", justify="right")
+    table.add_column("trend")
+    table.add_column("growth", justify="right")
+    table.add_column("last rel. step", justify="right")
+    table.add_column("last angle", justify="right")
+    if kind is ParamKind.SCALE_INVARIANT:
+        table.add_column("eff. LR change", justify="right")
+    table.add_column("notes", overflow="fold")
+    for layer in layers:
+        s = layer.summary
+        row = [
+            layer.name,
+            "×".join(map(str, layer.shape)),
+            f"{fmt(s.norm_first)} → {fmt(s.norm_last)}",
+            sparkline([p.norm for p in layer.points]),
+            fmt_ratio(s.norm_growth),
+            fmt(s.relative_step_last),
+            degrees(s.angular_update_last),
+        ]
+        if kind is ParamKind.SCALE_INVARIANT:
+            row.append(fmt_ratio(s.effective_lr_change))
+        row.append(_notes(layer))
+        table.add_row(*row)
+    return table
+
+
+def _checkpoint_table(report: RunDynamics, layer: LayerDynamics) -> Table:
+    title = f"{layer.name} ({layer.classification.kind.value}, {'×'.join(map(str, layer.shape))})"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in (
+        "checkpoint",
+        "step",
+        "norm",
+        "Δsteps",
+        "rel. step",
+        "angle",
+        "lr",
+        "eff. LR",
+        "LR factor",
+    ):
+        table.add_column(name, justify="left" if name == "checkpoint" else "right")
+    for p in layer.points:
+        table.add_row(
+            report.checkpoints[p.checkpoint].label,
+            fmt(p.step, "d") if p.step is not None else "–",
+            fmt(p.norm, ".4g"),
+            str(p.steps_between) if p.steps_between is not None else "–",
+            fmt(p.relative_step),
+            degrees(p.angular_update),
+            fmt(p.lr),
+            fmt(p.effective_lr),
+            fmt(p.lr_factor),
+        )
+    return table
+
+
+CSV_COLUMNS = (
+    "checkpoint",
+    "label",
+    "step",
+    "epoch",
+    "layer",
+    "kind",
+    "granularity",
+    "shape",
+    "norm",
+    "row_norm_min",
+    "row_norm_max",
+    "row_norm_cv",
+    "steps_between",
+    "relative_step",
+    "angular_update_rad",
+    "lr",
+    "weight_decay",
+    "effective_lr",
+    "lr_factor",
+    "nonfinite",
+)
+
+
+def render_csv(report: RunDynamics) -> str:
+    """Tidy CSV: one row per checkpoint x layer."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for layer in report.layers:
+        for p in layer.points:
+            info = report.checkpoints[p.checkpoint]
+            writer.writerow(
+                [
+                    p.checkpoint,
+                    info.label,
+                    _cell(info.step),
+                    _cell(info.epoch),
+                    layer.name,
+                    layer.classification.kind.value,
+                    layer.classification.granularity.value,
+                    "x".join(map(str, layer.shape)),
+                    _cell(p.norm),
+                    _cell(p.row_norm_min),
+                    _cell(p.row_norm_max),
+                    _cell(p.row_norm_cv),
+                    _cell(p.steps_between),
+                    _cell(p.relative_step),
+                    _cell(p.angular_update),
+                    _cell(p.lr),
+                    _cell(p.weight_decay),
+                    _cell(p.effective_lr),
+                    _cell(p.lr_factor),
+                    p.nonfinite,
+                ]
+            )
+    return buffer.getvalue()
+
+
+def _cell(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else str(value))
+    return str(value)
+
+
+def report_document(report: RunDynamics) -> dict[str, object]:
+    run = report.run
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "bnwd_version": __version__,
+        "run": {
+            "root": str(run.root),
+            "order_source": run.order_source.value,
+            "checkpoints": to_data(report.checkpoints),
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in run.skipped],
+            "problems": [{"path": str(p.path), "message": p.message} for p in run.problems],
+        },
+        "optimizer_family": to_data(report.optimizer_family),
+        "classification_method": report.classification_method.value,
+        "layers": [
+            {
+                "name": layer.name,
+                "shape": list(layer.shape),
+                "classification": to_data(layer.classification),
+                "summary": to_data(layer.summary),
+                "points": to_data(layer.points),
+            }
+            for layer in report.layers
+        ],
+        "warnings": list(report.warnings),
+        "notes": list(report.notes),
+    }
+
+
+def render_json(report: RunDynamics) -> str:
+    return dumps(report_document(report))
+
+
+def render_markdown(report: RunDynamics) -> str:
+    lines = [
+        f"### bnwd inspect: {report.run.root}",
+        "",
+        _header(report).plain.replace("\n", "  \n"),
+        "",
+    ]
+    for kind, layers in layers_by_kind(report.layers).items():
+        if not layers:
+            continue
+        lines += [f"**{KIND_TITLES[kind]}**", ""]
+        lines.append(
+            "| layer | shape | norm first → last | growth | last rel. step | last angle "
+            "| eff. LR change | notes |"
+        )
+        lines.append("|---|---|---:|---:|---:|---:|---:|---|")
+        for layer in layers:
+            s = layer.summary
+            lines.append(
+                f"| `{layer.name}` | {'×'.join(map(str, layer.shape))} | {fmt(s.norm_first)} → "
+                f"{fmt(s.norm_last)} | {fmt_ratio(s.norm_growth)} | {fmt(s.relative_step_last)} | "
+                f"{degrees(s.angular_update_last)} | {fmt_ratio(s.effective_lr_change)} "
+                f"| {_notes(layer)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(report: RunDynamics, fmt_: OutputFormat, *, per_checkpoint: bool = False) -> str:
+    if fmt_ is OutputFormat.CSV:
+        return render_csv(report)
+    if fmt_ is OutputFormat.JSON:
+        return render_json(report)
+    if fmt_ is OutputFormat.MARKDOWN:
+        return render_markdown(report)
+    return render_table(report, per_checkpoint=per_checkpoint)

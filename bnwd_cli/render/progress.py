@@ -1,0 +1,32 @@
+"""A transient progress bar on stderr (silent when stderr is not a terminal)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bnwd_cli.render.console import stderr_console
+
+
+@contextmanager
+def checkpoint_progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    console = stderr_console()
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[label]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task(description, total=None, label="")
+
+    def update(done: int, total: int, label: str) -> None:
+        progress.update(task, completed=done, total=total, label=label)
+
+    with progress:
+        yield update
