@@ -14,10 +14,10 @@ import filecmp
 import json
 import os
 import re
-from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
+from functools import partial
 from pathlib import Path
 
 from bnwd_cli.checkpoints.formats import (
