@@ -7,7 +7,6 @@ import sys
 import traceback
 
 import typer
-from typer.exceptions import TyperException
 
 from bnwd_cli.errors import BnwdError
 
@@ -22,7 +21,8 @@ def _say(message: str) -> None:
 
 def exit_code_for(exc: BaseException) -> int:
     """Map an exception that escaped a command to its exit code, printing a one-line message."""
-    if isinstance(exc, typer.Exit):
+    if type(exc).__name__ == "Exit" and hasattr(exc, "exit_code"):
+        # typer.Exit (Click's Exit in older Typer releases, its own class in newer ones)
         return int(exc.exit_code)
     if isinstance(exc, SystemExit):
         code = exc.code
@@ -30,9 +30,9 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, typer.Abort | KeyboardInterrupt):
         _say("interrupted")
         return 130
-    if isinstance(exc, TyperException):
-        # Usage errors from Typer's Click layer format themselves (with the usage line).
-        exc.show(file=sys.stderr)  # type: ignore[attr-defined]
+    if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+        # Click's usage errors (vendored inside newer Typer) format themselves, usage line included.
+        exc.show(file=sys.stderr)
         return EXIT_BAD_INPUT
     if isinstance(exc, BnwdError):
         _say(str(exc))
