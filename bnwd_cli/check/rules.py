@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from bnwd_cli.graph.classes import ParamKind
-from bnwd_cli.metrics.dynamics import LayerDynamics, RunDynamics
+from bnwd_cli.metrics.dynamics import LayerDynamics, LayerPoint, RunDynamics
 
 
 class Severity(str, Enum):
@@ -89,12 +89,45 @@ def _nonfinite(
     return findings
 
 
-def _lr_ratio(layer: LayerDynamics) -> float:
-    """How much the nominal lr itself fell (1.0 when the run carries no lr)."""
-    first, last = layer.points[0].lr, layer.points[-1].lr
-    if first and last is not None and first > 0:
-        return last / first
-    return 1.0
+EARLY_FRACTION = 0.25
+"""Early and late windows: the first and last quarter of the run's steps."""
+
+
+def _windows(layer: LayerDynamics) -> tuple[list[LayerPoint], list[LayerPoint]]:
+    """Checkpoints of the early and the late quarter of the run, for robust comparisons.
+
+    The first checkpoint is left out of the early window when the run has enough points: from
+    initialization a weight's norm moves toward its equilibrium (usually up), a transient that
+    says nothing about whether the run is healthy. Medians over windows, rather than single
+    checkpoints, keep the noise of one interval (+-15% at equilibrium) from deciding.
+    """
+    points = list(layer.points)
+    steps = [p.step for p in points]
+    if len(points) < 5 or any(s is None for s in steps):
+        return points[1:2] or points[:1], points[-1:]
+    first, last = float(steps[0]), float(steps[-1])  # type: ignore[arg-type]
+    span = last - first
+    early = [p for p in points[1:] if float(p.step) <= first + EARLY_FRACTION * span]  # type: ignore[arg-type]
+    late = [p for p in points if float(p.step) >= last - EARLY_FRACTION * span]  # type: ignore[arg-type]
+    return early or points[1:2], late
+
+
+def _median(values: Sequence[float]) -> float | None:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return None
+    middle = len(finite) // 2
+    return finite[middle] if len(finite) % 2 else 0.5 * (finite[middle - 1] + finite[middle])
+
+
+def _per_step_relative_update(point: LayerPoint) -> float | None:
+    """Relative step per optimizer step: per interval / sqrt(k) (independent steps add like a
+    random walk, THEORY.md section 2); lr-normalized so schedules do not count as collapse."""
+    if point.relative_step is None:
+        return None
+    k = point.steps_between or 1
+    value = point.relative_step / math.sqrt(k)
+    return value / point.lr if point.lr else value
 
 
 def _effective_lr_collapse(
@@ -103,31 +136,30 @@ def _effective_lr_collapse(
     floor = s.thresholds["min-fraction"]
     findings = []
     for layer in _invariant(layers):
-        if len(layer.points) < 2:
+        if len(layer.points) < 3:
             continue
-        factor = layer.points[-1].lr_factor  # (|w0|/|wt|)^p: the effective-LR change that the
-        # norm alone caused, independent of the schedule
-        nominal = _lr_ratio(layer)
-        step_change = layer.summary.relative_step_change
-        if factor is None or not math.isfinite(factor):
-            continue
-        collapsed = factor < floor
-        step_collapsed = step_change is not None and step_change / nominal < floor
-        if collapsed or step_collapsed:
+        early, late = _windows(layer)
+        # The effective-LR factor (|w0|/|wt|)^p is what the norm alone did to the learning rate,
+        # whatever the schedule did to the nominal lr.
+        factor_early = _median([p.lr_factor for p in early if p.lr_factor is not None])
+        factor_late = _median([p.lr_factor for p in late if p.lr_factor is not None])
+        step_early = _median([v for p in early if (v := _per_step_relative_update(p)) is not None])
+        step_late = _median([v for p in late if (v := _per_step_relative_update(p)) is not None])
+        factor = factor_late / factor_early if factor_early and factor_late is not None else None
+        step = step_late / step_early if step_early and step_late is not None else None
+        if (factor is not None and factor < floor) or (step is not None and step < floor):
             label = run.checkpoints[layer.points[-1].checkpoint].label
             findings.append(
                 Finding(
                     rule,
                     s.severity,
                     (layer.name,),
-                    f"{layer.name}: effective LR fell to {factor:.2f}x of its start through norm "
-                    f"growth alone (per-step relative update x"
-                    f"{'?' if step_change is None else format(step_change, '.2f')}) while the "
-                    f"nominal lr changed x{nominal:.2f}",
+                    f"{layer.name}: per-step relative update (per unit lr) fell to "
+                    f"{_x(step)} and the effective LR through norm growth to {_x(factor)} "
+                    f"of their early values (below {floor:g})",
                     {
-                        "effective_lr_factor": factor,
-                        "relative_step_change": step_change,
-                        "nominal_lr_change": nominal,
+                        "relative_update_change": step,
+                        "effective_lr_factor_change": factor,
                         "min_fraction": floor,
                     },
                     label,
@@ -136,22 +168,36 @@ def _effective_lr_collapse(
     return findings
 
 
+def _x(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}x"
+
+
 def _norm_growth(
     run: RunDynamics, layers: Sequence[LayerDynamics], s: RuleSettings, rule: str
 ) -> list[Finding]:
     limit = s.thresholds["max-growth"]
     findings = []
     for layer in _invariant(layers):
-        growth = layer.summary.norm_growth
-        if math.isfinite(growth) and growth > limit:
+        early, late = _windows(layer)
+        norm_early = _median([p.norm for p in early])
+        norm_late = _median([p.norm for p in late])
+        if not norm_early or norm_late is None:
+            continue
+        growth = norm_late / norm_early
+        if growth > limit:
             findings.append(
                 Finding(
                     rule,
                     s.severity,
                     (layer.name,),
-                    f"{layer.name}: norm grew x{growth:.2f} ({layer.summary.norm_first:.3g} -> "
-                    f"{layer.summary.norm_last:.3g})",
-                    {"norm_growth": growth, "max_growth": limit},
+                    f"{layer.name}: norm still growing after the start: x{growth:.2f} from the "
+                    f"early to the late part of the run ({norm_early:.3g} -> {norm_late:.3g}; "
+                    f"x{layer.summary.norm_growth:.2f} since the first checkpoint)",
+                    {
+                        "norm_growth": growth,
+                        "norm_growth_since_first": layer.summary.norm_growth,
+                        "max_growth": limit,
+                    },
                     run.checkpoints[layer.points[-1].checkpoint].label,
                 )
             )
@@ -271,7 +317,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "effective-lr-collapse",
         Severity.ERROR,
-        {"min-fraction": 0.4},
+        {"min-fraction": 0.5},
         "A scale-invariant layer learns at lr/|w|^2: when its norm grows with no decay to hold it, "
         "its learning silently slows down.",
         _effective_lr_collapse,
@@ -279,7 +325,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "norm-growth",
         Severity.WARNING,
-        {"max-growth": 1.5},
+        {"max-growth": 1.05},
         "Norm growth of a scale-invariant weight lowers its effective LR without changing the "
         "function; weight decay is what holds it.",
         _norm_growth,
