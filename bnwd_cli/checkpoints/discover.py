@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 
@@ -60,7 +60,7 @@ NAME_EPOCH = re.compile(r"(?:^|[^a-z])epoch[=_-]?(\d+)", re.I)
 MAX_DEPTH = 6
 
 
-class OrderSource(str, Enum):
+class OrderSource(StrEnum):
     STEP_METADATA = "step stored in the checkpoints"
     EPOCH_METADATA = "epoch stored in the checkpoints"
     NAME_STEP = "step in the file names"
@@ -132,7 +132,7 @@ def discover_run(path: Path, *, trust_pickle: bool = False, strict: bool = False
 
     if path.is_file():
         consider(lambda: _file_candidate(path, path.parent, trust_pickle, skipped), path)
-    elif _is_checkpoint_folder(path):
+    elif _is_checkpoint_folder(path) and not _has_checkpoint_subfolders(path):
         consider(lambda: _folder_candidate(path, path.parent, skipped), path)
     else:
         _walk(path, trust_pickle, consider, skipped)
@@ -169,13 +169,21 @@ def _walk(
         )
         if len(here.parts) - root_depth >= MAX_DEPTH:
             dirnames[:] = []
+        has_subfolders = False
         for name in list(dirnames):
             sub = here / name
             if _is_checkpoint_folder(sub):
+                has_subfolders = True
                 dirnames.remove(name)
                 consider(partial(_folder_candidate, sub, here, skipped), sub)
+        # The Trainer's output folder holds `checkpoint-<step>/` folders and, after
+        # `save_model()`, the final (or best) model beside them: not a step of the run.
+        final_model = _folder_weight_names(here) if has_subfolders else set()
         for name in sorted(filenames):
             file = here / name
+            if name in final_model:
+                skipped.append(SkippedFile(file, "final model saved beside the checkpoint folders"))
+                continue
             reason = _side_file_reason(name)
             if reason is not None:
                 skipped.append(SkippedFile(file, reason))
@@ -192,11 +200,49 @@ def _side_file_reason(name: str) -> str | None:
     return None
 
 
+GENERIC_WEIGHT_NAMES = ("model.pt", "model.pth")
+
+
 def _is_checkpoint_folder(folder: Path) -> bool:
     """A folder whose files together form one checkpoint (Trainer output, sharded save)."""
-    return folder.is_dir() and any(
-        (folder / n).is_file() for n in (*WEIGHT_FILE_NAMES, *INDEX_FILE_NAMES)
+    if not folder.is_dir():
+        return False
+    if any(
+        (folder / n).is_file()
+        for n in (*WEIGHT_FILE_NAMES, *INDEX_FILE_NAMES)
+        if n not in GENERIC_WEIGHT_NAMES
+    ):
+        return True
+    if not any((folder / n).is_file() for n in GENERIC_WEIGHT_NAMES):
+        return False
+    # A `model.pt` beside other checkpoint files (`step_100.pt`, ...) is one file of a run
+    # folder, not a folder that is one checkpoint: the others must not be ignored.
+    return not any(
+        f.name not in GENERIC_WEIGHT_NAMES
+        and f.name.lower().endswith(CHECKPOINT_SUFFIXES)
+        and _side_file_reason(f.name) is None
+        and f.is_file()
+        for f in folder.iterdir()
     )
+
+
+def _has_checkpoint_subfolders(folder: Path) -> bool:
+    return any(
+        _is_checkpoint_folder(sub) for sub in folder.iterdir() if not sub.name.startswith(".")
+    )
+
+
+def _folder_weight_names(folder: Path) -> set[str]:
+    """Names of the files that make up the model saved directly in `folder` (shards included)."""
+    names = {n for n in (*WEIGHT_FILE_NAMES, *INDEX_FILE_NAMES) if (folder / n).is_file()}
+    for index in INDEX_FILE_NAMES:
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                names.update(str(v) for v in weight_map.values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # an unreadable index: its shards are then reported one by one
+    return names
 
 
 def _name_position(name: str, *, step_means_epoch: bool = False) -> tuple[int | None, int | None]:
@@ -411,7 +457,7 @@ def _same_point(last: _Candidate, others: list[_Candidate]) -> _Candidate | None
 
 def _order(candidates: list[_Candidate]) -> tuple[list[_Candidate], OrderSource]:
     if len(candidates) == 1:
-        return candidates, OrderSource.SINGLE
+        return [_with_position(candidates[0], OrderSource.SINGLE)], OrderSource.SINGLE
     sources: list[tuple[OrderSource, Callable[[_Candidate], float | None]]] = [
         (OrderSource.STEP_METADATA, lambda c: c.ref.step),
         (OrderSource.EPOCH_METADATA, lambda c: c.ref.epoch),

@@ -12,7 +12,7 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from bnwd_cli.checkpoints.safe_load import (
 from bnwd_cli.errors import CheckpointError
 
 
-class FileKind(str, Enum):
+class FileKind(StrEnum):
     TORCH_ZIP = "torch zip"
     TORCH_LEGACY = "torch legacy pickle"
     SAFETENSORS = "safetensors"
     OTHER = "other"
 
 
-class CheckpointFormat(str, Enum):
+class CheckpointFormat(StrEnum):
     """Which training stack wrote a checkpoint (shown to the user; decides key handling)."""
 
     TORCH = "torch.save"

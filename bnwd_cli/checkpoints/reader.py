@@ -25,6 +25,7 @@ from bnwd_cli.checkpoints.formats import (
     sniff,
 )
 from bnwd_cli.checkpoints.keys import normalize_keys
+from bnwd_cli.checkpoints.mapped import NotMappableError, SafetensorsFile
 from bnwd_cli.checkpoints.safe_load import load_torch_file
 from bnwd_cli.errors import CheckpointError
 
@@ -82,24 +83,28 @@ class SafetensorsSource:
         self._handles: list[Any] = []
         owner: dict[str, tuple[int, str]] = {}
         for index, file in enumerate(files):
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(file, f"is not a readable safetensors file ({exc})") from None
-            self._handles.append(handle)
+            self._handles.append(_open_safetensors(file))
+            handle = self._handles[-1]
             for key in handle.keys():  # noqa: SIM118 (safe_open handles have no __iter__)
                 owner[key] = (index, key)
         mapping = normalize_keys(owner)
-        self._owner = {mapping[k]: owner[k] for k in owner}
+        # safetensors stores keys sorted as strings (`features.10` before `features.2`); numeric
+        # components in numeric order give back the module order of a Sequential / ModuleList,
+        # which the state-dict heuristic reads. (Named siblings stay alphabetical: lost order.)
+        ordered = sorted(owner, key=lambda k: _natural_key(mapping[k]))
+        self._owner = {mapping[k]: owner[k] for k in ordered}
         self._files = files
-        self.original_names = {mapping[k]: k for k in owner}
+        self.original_names = {mapping[k]: k for k in ordered}
 
     def names(self) -> list[str]:
         return list(self._owner)
 
     def shape(self, name: str) -> tuple[int, ...]:
         index, key = self._owner[name]
-        return tuple(self._handles[index].get_slice(key).get_shape())
+        handle = self._handles[index]
+        if isinstance(handle, SafetensorsFile):
+            return handle.entries[key].shape
+        return tuple(handle.get_slice(key).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         index, key = self._owner[name]
@@ -113,6 +118,23 @@ class SafetensorsSource:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _natural_key(name: str) -> list[tuple[int, int, str]]:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+def _open_safetensors(file: Path) -> Any:
+    """A zero-copy memory-mapped reader; the safetensors library's (which copies every tensor)
+    for files the mapped reader does not take (and to report what is wrong with a broken one)."""
+    try:
+        return SafetensorsFile(file)
+    except NotMappableError:
+        pass
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(file, f"is not a readable safetensors file ({exc})") from None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ and the message names the flag that allows full unpickling.
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bnwd_cli.checkpoints.mapped import NotMappableError, load_torch_zip
 from bnwd_cli.errors import CheckpointError, UnsafeCheckpointError
 
 TRUST_FLAG = "--trust-pickle"
@@ -71,6 +73,12 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
     except OSError as exc:
         raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from None
     if zipped:
+        # The common case (state dicts, optimizer states, plain values) without torch.load's
+        # Python unpickler; anything else, or any problem, is left to torch.load below.
+        try:
+            return load_torch_zip(path)
+        except NotMappableError:
+            pass
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
@@ -93,9 +101,21 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
         raise UnsafeCheckpointError(
             path,
             "holds pickled objects that only full unpickling can load (legacy, non-zip format; "
-            f"{_short(first_error)}). If you trust this file, re-run with {TRUST_FLAG}",
+            f"{_unpickler_reason(first_error)}). If you trust this file, re-run with {TRUST_FLAG}",
         )
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (
+        pickle.UnpicklingError,
+        ValueError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        IndexError,
+    ) as exc:
+        raise CheckpointError(
+            path, f"is not a readable PyTorch checkpoint: corrupt pickle data ({_short(exc)})"
+        ) from None
     torch_owned = sorted(name for name in unsafe if name.split(".")[0] == "torch")
     if torch_owned:
         # Tensor subclasses and rebuild functions: a placeholder would silently drop weights.
@@ -110,19 +130,48 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
         except pickle.UnpicklingError as exc:
             raise UnsafeCheckpointError(
                 path,
-                f"holds pickled objects that only full unpickling can load ({_short(exc)}). "
+                "holds pickled objects that only full unpickling can load "
+                f"({_unpickler_reason(exc)}). "
                 f"If you trust this file, re-run with {TRUST_FLAG}",
             ) from None
+
+
+CORRUPT_PICKLE_SIGNS = ("Unsupported operand", "String is too long")
+"""What the safe unpickler says about bytes that are no pickle at all (as opposed to a pickle of
+a class it will not build): such a file is corrupt, and --trust-pickle would not help."""
+
+
+TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "(1)", "(2)")
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The restricted unpickler's own reason, out of torch's long weights_only message."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(TORCH_BOILERPLATE):
+            # drop torch's advice on allow-listing: it is for library authors, not bnwd users
+            return line.split(". Please use")[0][:200]
+    return _short(exc)
 
 
 def _load(path: Path, *, weights_only: bool, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
-    except pickle.UnpicklingError:
-        raise
+    except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if weights_only and not any(sign in reason for sign in CORRUPT_PICKLE_SIGNS):
+            raise
+        raise CheckpointError(
+            path, f"is not a readable PyTorch checkpoint: corrupt pickle data ({reason})"
+        ) from None
     except (
         RuntimeError,
         EOFError,
+        struct.error,  # a legacy file cut inside a length field
         OSError,
         ValueError,
         KeyError,

@@ -124,22 +124,23 @@ def classify_state_dict(entries: Sequence[TensorEntry]) -> ModelClassification:
                 )
             continue
         weight_shape = owner.params.get("weight")
-        nxt = order[index + 1] if index + 1 < len(order) else None
-        feeds = (
-            weight_shape is not None
-            and len(weight_shape) >= 2
-            and nxt is not None
-            and nxt.is_norm
-            and nxt.channels == weight_shape[0]
-            and (nxt.is_batchnorm or _parent(nxt.name) == _parent(owner.name))
-        )
-        if not feeds or nxt is None or weight_shape is None:
+        if weight_shape is None or len(weight_shape) < 2:
             continue
+        nxt = order[index + 1] if index + 1 < len(order) else None
+        if _feeds(owner, weight_shape, nxt) and nxt is not None:
+            where = (
+                f"next module in key order is {nxt.norm_type} '{nxt.name}' with "
+                f"{nxt.channels} channels = {weight_shape[0]} output rows"
+            )
+        else:
+            nxt = _named_partner(owner, weight_shape, order)
+            if nxt is None:
+                continue
+            where = (
+                f"named pair: '{owner.name}' with {nxt.norm_type} '{nxt.name}' in the same "
+                f"module, {nxt.channels} channels = {weight_shape[0]} output rows"
+            )
         norm_name = nxt.name
-        where = (
-            f"next module in key order is {nxt.norm_type} '{norm_name}' with "
-            f"{nxt.channels} channels = {weight_shape[0]} output rows"
-        )
         weight_name = f"{owner.name}.weight" if owner.name else "weight"
         bias_shape = owner.params.get("bias")
         bias_name = f"{owner.name}.bias" if owner.name else "bias"
@@ -214,6 +215,46 @@ def classify_state_dict(entries: Sequence[TensorEntry]) -> ModelClassification:
             "pass --model model.py for the graph analysis",
         ),
     )
+
+
+def _feeds(owner: _Module, weight_shape: tuple[int, ...], norm: _Module | None) -> bool:
+    return (
+        norm is not None
+        and norm.is_norm
+        and norm.channels == weight_shape[0]
+        and (norm.is_batchnorm or _parent(norm.name) == _parent(owner.name))
+    )
+
+
+LAYER_WORD = re.compile(r"^(conv|fc|linear|lin|proj|dense)", re.I)
+NORM_WORD = re.compile(
+    r"^(bn|norm|ln|gn|batchnorm|batch_norm|layernorm|layer_norm|groupnorm|group_norm)", re.I
+)
+
+
+def _named_partner(
+    owner: _Module, weight_shape: tuple[int, ...], order: Sequence[_Module]
+) -> _Module | None:
+    """A norm that pairs with `owner` by name: `conv1`/`bn1`, `conv`/`bn`, `fc2`/`norm2`.
+
+    Safetensors files store keys sorted, not in module order, so `bn1` comes before `conv1`
+    and the key-order rule cannot see the pair; the names still can.
+    """
+    leaf = owner.name.rpartition(".")[2]
+    layer_word = LAYER_WORD.match(leaf)
+    if layer_word is None:
+        return None
+    suffix = leaf[layer_word.end() :]
+    partners = [
+        m
+        for m in order
+        if m.is_norm
+        and _parent(m.name) == _parent(owner.name)
+        and (match := NORM_WORD.match(m.name.rpartition(".")[2])) is not None
+        and m.name.rpartition(".")[2][match.end() :] == suffix
+        and _feeds(owner, weight_shape, m)
+    ]
+    return partners[0] if len(partners) == 1 else None
 
 
 def _norm_evidence(module: _Module) -> str:
