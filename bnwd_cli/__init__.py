@@ -8,7 +8,7 @@ The Python API, for notebooks and training scripts::
     for layer in report.layers:
         print(layer.name, layer.classification.kind, layer.summary.norm_growth)
 
-    groups = bnwd.param_groups(model, weight_decay=5e-4)    # decay where it means something
+    groups = bnwd.param_groups(model, weight_decay=5e-4, example_input=x)  # from the graph
     optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
 
 Names resolve lazily, so `import bnwd_cli` (and the CLI's `--help`) does not import torch.
@@ -43,7 +43,9 @@ _EXPORTS = {
     "run_check": "bnwd_cli.check",
     "build_config": "bnwd_cli.check",
     # optimizer parameter groups
-    "param_groups": "bnwd_cli.param_groups",
+    "param_groups": "bnwd_cli.groups",
+    "ParamGroups": "bnwd_cli.groups",
+    "InvariantPolicy": "bnwd_cli.groups",
     # errors
     "BnwdError": "bnwd_cli.errors",
     "CheckpointError": "bnwd_cli.errors",
@@ -51,7 +53,32 @@ _EXPORTS = {
     "ModelFileError": "bnwd_cli.errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "BnwdError",
+    "CheckpointError",
+    "Granularity",
+    "InspectOptions",
+    "InvariantPolicy",
+    "ModelFileError",
+    "OptimizerFamily",
+    "ParamClassification",
+    "ParamGroups",
+    "ParamKind",
+    "RunDynamics",
+    "UsageError",
+    "__version__",
+    "analyze_run",
+    "build_config",
+    "classify_model",
+    "classify_model_file",
+    "classify_state_dict",
+    "discover_run",
+    "open_checkpoint",
+    "param_groups",
+    "read_optimizer_state",
+    "read_state_dict",
+    "run_check",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -71,7 +98,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from bnwd_cli.check import build_config, run_check
     from bnwd_cli.checkpoints import discover_run, open_checkpoint, read_state_dict
     from bnwd_cli.errors import BnwdError, CheckpointError, ModelFileError, UsageError
+    from bnwd_cli.graph.analyze import classify_model, classify_model_file
     from bnwd_cli.graph.classes import Granularity, ParamClassification, ParamKind
     from bnwd_cli.graph.heuristic import classify_state_dict
+    from bnwd_cli.groups import InvariantPolicy, ParamGroups, param_groups
     from bnwd_cli.metrics.dynamics import InspectOptions, RunDynamics, analyze_run
     from bnwd_cli.metrics.optimizer import OptimizerFamily, read_optimizer_state

@@ -83,14 +83,18 @@ def inspect(
     )
     with checkpoint_progress("reading checkpoints") as progress:
         report = analyze_run(ckpt_dir, options, progress)
+    from rich.markup import escape
+
     console = stderr_console()
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     for note in report.notes:
-        console.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
     if list_skipped:
         for skipped in report.run.skipped:
             console.print(
-                f"skipped {skipped.path}: {skipped.reason}", highlight=False, soft_wrap=True
+                escape(f"skipped {skipped.path}: {skipped.reason}"),
+                highlight=False,
+                soft_wrap=True,
             )
     emit(render(report, fmt, per_checkpoint=per_checkpoint), output)

@@ -79,6 +79,10 @@ class ModelClassification:
     params: tuple[ParamClassification, ...]
     method: ClassificationMethod
     notes: tuple[str, ...] = field(default=())
+    joint_groups: tuple[tuple[str, ...], ...] = field(default=())
+    """Members of each joint group, indexed by `ParamClassification.joint_group`. A parameter
+    can belong to more than one group (e.g. a conv bias before LayerNorm is rescaled with its
+    weight, and also with the residual stream it feeds); its record names the smallest."""
 
     def by_name(self) -> dict[str, ParamClassification]:
         return {p.name: p for p in self.params}

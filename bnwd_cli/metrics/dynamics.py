@@ -10,18 +10,21 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from bnwd_cli.checkpoints import (
+    CheckpointFormat,
     CheckpointRef,
     OpenCheckpoint,
     RunCheckpoints,
     discover_run,
     open_checkpoint,
 )
+from bnwd_cli.checkpoints.mapped import release_pages
+from bnwd_cli.checkpoints.reader import DictTensorSource
 from bnwd_cli.errors import CheckpointError, UsageError
 from bnwd_cli.graph.classes import (
     ClassificationMethod,
@@ -31,13 +34,25 @@ from bnwd_cli.graph.classes import (
     ParamKind,
 )
 from bnwd_cli.graph.heuristic import TensorEntry, classify_state_dict, is_buffer_name
+from bnwd_cli.metrics.audit import AuditFinding, audit_run
+from bnwd_cli.metrics.equilibrium import (
+    AngleSample,
+    EquilibriumAssessment,
+    EquilibriumPrediction,
+    assess_equilibrium,
+    predict_equilibrium,
+)
 from bnwd_cli.metrics.kernels import tensor_stats
 from bnwd_cli.metrics.optimizer import (
+    LayoutHint,
     NameMapping,
     OptimizerFamily,
     OptimizerSnapshot,
+    ParamHyper,
+    param_state,
     read_optimizer_state,
 )
+from bnwd_cli.metrics.updates import ImpliedStep, implied_step
 
 Progress = Callable[[int, int, str], None]
 
@@ -80,6 +95,24 @@ class LayerPoint:
     lr_factor: float | None = None
     """Effective-LR factor relative to the first checkpoint: (|w_0|/|w_t|)^2 for SGD
     (the seed blog's conv_lr_factor), |w_0|/|w_t| for Adam-family. Needs no lr."""
+    implied_relative_update: float | None = None
+    """|w_t - w_{t-1}| / |w_{t-1}| of the last optimizer step, from the optimizer state."""
+    implied_angle: float | None = None
+    """Angle (radians) of the last optimizer step, from the optimizer state; per-row layers:
+    RMS over rows. A per-step figure, unlike `angular_update` (THEORY.md section 2)."""
+    implied_exact: bool | None = None
+    """False where the implied step rests on an approximation (Nesterov, a scheduler's lr)."""
+    optimizer_step: int | None = None
+    """Adam's step count from the optimizer state."""
+    equilibrium_angle: float | None = None
+    """Predicted per-step angular update at equilibrium for this checkpoint's lr and decay
+    (scale-invariant layers; THEORY.md section 3)."""
+    optimizer_group: int | None = None
+    """Index of the optimizer param group holding this parameter."""
+    momentum: float | None = None
+    dampening: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +136,8 @@ class LayerDynamics:
     classification: ParamClassification
     points: tuple[LayerPoint, ...]
     summary: LayerSummary
+    equilibrium: EquilibriumAssessment | None = None
+    """Scale-invariant layers: the measured per-step angle against THEORY.md section 3."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +163,8 @@ class RunDynamics:
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     snapshots: tuple[OptimizerSnapshot | None, ...] = field(default=(), repr=False)
+    audit: tuple[AuditFinding, ...] = ()
+    """Weight-decay audit findings (THEORY.md section 5)."""
 
 
 def analyze_run(
@@ -144,6 +181,7 @@ def analyze_run(
     infos: list[CheckpointInfo] = []
     snapshots: list[OptimizerSnapshot | None] = []
     previous: OpenCheckpoint | None = None
+    current: OpenCheckpoint | None = None
     classification: ModelClassification | None = options.classification
     family: OptimizerFamily | None = None
     total = len(run.checkpoints)
@@ -194,27 +232,51 @@ def analyze_run(
                 acc.add(index, ref, current, previous, snapshot, options, family, warnings)
             if previous is not None:
                 previous.close()
-            previous = current
+            previous, current = current, None
     finally:
-        if previous is not None:
-            previous.close()
+        # `current` is still set when reading it failed half-way (e.g. a changed shape)
+        for still_open in (current, previous):
+            if still_open is not None:
+                still_open.close()
     if progress is not None:
         progress(total, total, "")
     if not infos:
-        raise CheckpointError(path, "no checkpoint could be read")
+        # every checkpoint failed to open: say why, or the user is left guessing
+        why = f" (last problem: {warnings[-1].removesuffix(' (skipped)')})" if warnings else ""
+        raise CheckpointError(path, f"no checkpoint could be read{why}")
     assert classification is not None
     if options.classification is None:
         notes.extend(classification.notes)
+    finished = tuple(acc.finish(family) for acc in accumulators.values())
+    for acc in accumulators.values():
+        notes.extend(acc.notes)
+        notes.extend(
+            f"no implied per-step update from the optimizer state (first at {label}): {reason}"
+            for reason, label in acc.no_step.items()
+        )
+    have_state = any(s is not None for s in snapshots)
     return RunDynamics(
         run=run,
         checkpoints=tuple(infos),
-        layers=tuple(acc.finish() for acc in accumulators.values()),
+        layers=finished,
         classification_method=classification.method,
         optimizer_family=family,
         warnings=tuple(dict.fromkeys(warnings)),
         notes=tuple(dict.fromkeys(notes)),
         snapshots=tuple(snapshots),
+        audit=audit_run(
+            finished,
+            family=family,
+            have_optimizer_state=have_state,
+            mapping_complete=_mapping_complete(snapshots),
+        ),
     )
+
+
+def _mapping_complete(snapshots: Sequence[OptimizerSnapshot | None]) -> bool:
+    """The last optimizer state named every id it holds."""
+    last = next((s for s in reversed(snapshots) if s is not None), None)
+    return last is not None and last.mapping is not NameMapping.AMBIGUOUS and not last.unmapped_ids
 
 
 def _compile(expression: str | None) -> re.Pattern[str] | None:
@@ -267,10 +329,67 @@ def _snapshot(
     state = ckpt.optimizer_state
     if state is None:
         return None
-    params = [(p.name, p.shape) for p in classification.params if not is_buffer_name(p.name)]
-    snapshot = read_optimizer_state(state, params, family_hint=options.optimizer)
+    aliases = _tied_aliases(ckpt, classification)
+    params = [
+        (p.name, p.shape)
+        for p in classification.params
+        if not is_buffer_name(p.name) and p.name not in aliases
+    ]
+    present = set(ckpt.weights.names())
+    layernorm_like = {
+        p.name
+        for p in classification.params
+        if p.kind is ParamKind.NORM_AFFINE
+        and f"{p.name.rpartition('.')[0]}.running_mean" not in present
+    }
+    hint = {
+        CheckpointFormat.HF_TRAINER: LayoutHint.TRANSFORMERS_TRAINER,
+        CheckpointFormat.TIMM: LayoutHint.TIMM,
+    }.get(ckpt.ref.format)
+    snapshot = read_optimizer_state(
+        state,
+        params,
+        family_hint=options.optimizer,
+        aliases=aliases,
+        original_names=getattr(ckpt.weights, "original_names", None),
+        layout_hint=hint,
+        layernorm_params=layernorm_like,
+    )
     notes.extend(snapshot.notes)
     return snapshot
+
+
+def _tied_aliases(ckpt: OpenCheckpoint, classification: ModelClassification) -> dict[str, str]:
+    """Later names of tensors that share storage with an earlier one (tied parameters).
+
+    `named_parameters()` lists a tied parameter once, under its first name, so the optimizer
+    never sees the others. Only in-memory state dicts can share storage (safetensors files
+    refuse shared tensors).
+    """
+    if not isinstance(ckpt.weights, DictTensorSource):
+        return {}
+    first: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    aliases: dict[str, str] = {}
+    for p in classification.params:
+        if is_buffer_name(p.name):
+            continue
+        try:
+            tensor = ckpt.weights.get(p.name)
+        except KeyError:
+            continue
+        if tensor.numel() == 0:
+            continue
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            int(tensor.storage_offset()),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        if key in first:
+            aliases[p.name] = first[key]
+        else:
+            first[key] = p.name
+    return aliases
 
 
 def _unit_norm(stats_norm: float, row_norms: torch.Tensor | None, rows: int) -> float:
@@ -285,6 +404,14 @@ class _LayerAccumulator:
         self.points: list[LayerPoint] = []
         self.first_unit: float | None = None
         self.previous_step: int | None = None
+        self.samples: list[AngleSample] = []
+        self.sample_source: set[str] = set()
+        self.last_hyper: ParamHyper | None = None
+        self.notes: list[str] = []
+        self.no_step: dict[str, str] = {}
+        self.last_row_sq: torch.Tensor | None = None
+        """Per-row |w|^2 at the last checkpoint added (saves a sweep over the pair)."""
+        """Why the optimizer state implied no step -> the first checkpoint where it did not."""
 
     def add(
         self,
@@ -312,7 +439,13 @@ class _LayerAccumulator:
                 f"{self.verdict.shape} before: the architecture changed between checkpoints",
             )
         before = previous.weights.get(name) if previous is not None and self.points else None
-        stats = tensor_stats(tensor, before, per_row=self.per_row)
+        stats = tensor_stats(
+            tensor,
+            before,
+            per_row=self.per_row,
+            previous_row_sq=self.last_row_sq if before is not None else None,
+        )
+        self.last_row_sq = stats.row_sq
         if stats.nonfinite:
             warnings.append(f"{ref.label}: tensor '{name}' has {stats.nonfinite} NaN/Inf values")
         rows = self.verdict.shape[0] if self.per_row else 1
@@ -342,6 +475,23 @@ class _LayerAccumulator:
                 angle = float(finite.square().mean().sqrt()) if finite.numel() else None
             else:
                 angle = stats.angle
+        implied = self._implied(tensor, current, snapshot, hyper, family, options)
+        # Done with this tensor's bytes for now: hand their pages back, so that resident memory
+        # stays near one tensor, not two checkpoints (the page cache keeps them for next time).
+        release_pages(tensor, before)
+        predicted = None
+        if invariant and hyper is not None:
+            predicted = self._predict(family, hyper, lr).angle
+        per_step = None
+        if implied is not None and implied.angular_update is not None:
+            per_step, source = implied.angular_update, "optimizer state (implied last step)"
+        elif angle is not None and steps_between == 1:
+            per_step, source = angle, "consecutive checkpoints one step apart"
+        if invariant and per_step is not None and math.isfinite(per_step):
+            self.samples.append(AngleSample(index, ref.step, per_step, predicted))
+            self.sample_source.add(source)
+        if hyper is not None:
+            self.last_hyper = hyper
         row_min = row_max = row_cv = None
         if stats.row_norms is not None:
             row_min = float(stats.row_norms.min())
@@ -364,11 +514,89 @@ class _LayerAccumulator:
                 weight_decay=hyper.weight_decay if hyper is not None else None,
                 effective_lr=effective_lr,
                 lr_factor=lr_factor,
+                implied_relative_update=implied.relative_update if implied else None,
+                implied_angle=implied.angular_update if implied else None,
+                implied_exact=implied.exact if implied else None,
+                optimizer_step=implied.optimizer_step if implied else None,
+                equilibrium_angle=predicted,
+                optimizer_group=hyper.group if hyper is not None else None,
+                momentum=hyper.momentum if hyper is not None else None,
+                dampening=hyper.dampening if hyper is not None else None,
+                betas=hyper.betas if hyper is not None else None,
+                eps=hyper.eps if hyper is not None else None,
             )
         )
         self.previous_step = ref.step
 
-    def finish(self) -> LayerDynamics:
+    def _implied(
+        self,
+        tensor: torch.Tensor,
+        current: OpenCheckpoint,
+        snapshot: OptimizerSnapshot | None,
+        hyper: ParamHyper | None,
+        family: OptimizerFamily | None,
+        options: InspectOptions,
+    ) -> ImpliedStep | None:
+        """The last optimizer step this checkpoint's state implies (THEORY.md section 4)."""
+        state = current.optimizer_state
+        if snapshot is None or hyper is None or state is None or hyper.optimizer_id is None:
+            return None
+        per_param = param_state(state, hyper.optimizer_id)
+        if options.lr is not None:
+            hyper = replace(hyper, lr=options.lr)
+        result = implied_step(
+            tensor,
+            per_param,
+            hyper,
+            family or snapshot.family,
+            per_row=self.per_row,
+        )
+        if per_param is not None:
+            release_pages(*(v for v in per_param.values() if isinstance(v, torch.Tensor)))
+        if isinstance(result, ImpliedStep):
+            if result.approximation:
+                self.notes.append(f"implied per-step update approximate: {result.approximation}")
+            return result
+        if self.verdict.kind is ParamKind.SCALE_INVARIANT and result.reason not in self.no_step:
+            self.no_step[result.reason] = current.ref.label
+        return None
+
+    def _predict(
+        self, family: OptimizerFamily | None, hyper: ParamHyper, lr: float | None
+    ) -> EquilibriumPrediction:
+        rows = self.verdict.shape[0] if self.per_row else 1
+        numel = math.prod(self.verdict.shape)
+        return predict_equilibrium(
+            family,
+            lr,
+            hyper.weight_decay,
+            momentum=hyper.momentum,
+            dampening=hyper.dampening,
+            betas=hyper.betas,
+            unit_size=numel // rows if rows else None,
+        )
+
+    def _assess(self, family: OptimizerFamily | None) -> EquilibriumAssessment | None:
+        if self.verdict.kind is not ParamKind.SCALE_INVARIANT:
+            return None
+        last = self.points[-1]
+        if self.last_hyper is None:
+            prediction = predict_equilibrium(None if family is None else family, None, None)
+        else:
+            prediction = self._predict(family, self.last_hyper, last.lr)
+        rows = self.verdict.shape[0] if self.per_row else 1
+        unit = last.norm / math.sqrt(rows) if rows else last.norm
+        elapsed = last.optimizer_step if last.optimizer_step is not None else last.step
+        return assess_equilibrium(
+            prediction,
+            self.samples,
+            measured_from=" and ".join(sorted(self.sample_source)),
+            unit_norm=unit,
+            steps_elapsed=elapsed,
+            adaptive=family is not None and family.is_adaptive,
+        )
+
+    def finish(self, family: OptimizerFamily | None = None) -> LayerDynamics:
         points = tuple(self.points)
         first, last = points[0], points[-1]
         steps = [p for p in points if p.relative_step is not None]
@@ -392,7 +620,14 @@ class _LayerAccumulator:
             angular_update_last=steps[-1].angular_update if steps else None,
             effective_lr_change=elr_change,
         )
-        return LayerDynamics(self.verdict.name, self.verdict.shape, self.verdict, points, summary)
+        return LayerDynamics(
+            self.verdict.name,
+            self.verdict.shape,
+            self.verdict,
+            points,
+            summary,
+            equilibrium=self._assess(family),
+        )
 
 
 def _per_step(point: LayerPoint) -> float:

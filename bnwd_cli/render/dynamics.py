@@ -15,6 +15,12 @@ from rich.text import Text
 from bnwd_cli._version import __version__
 from bnwd_cli.graph.classes import ParamKind
 from bnwd_cli.metrics.dynamics import LayerDynamics, RunDynamics, layers_by_kind
+from bnwd_cli.render.audit import (
+    audit_markdown,
+    audit_table,
+    equilibrium_markdown,
+    equilibrium_table,
+)
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
 from bnwd_cli.render.serialize import dumps, to_data
 
@@ -92,6 +98,10 @@ def render_table(
                 console.print(_checkpoint_table(report, layer))
         else:
             console.print(_summary_table(KIND_TITLES[kind], kind, layers))
+    for extra in (equilibrium_table(report), audit_table(report.audit)):
+        if extra is not None:
+            console.print(extra)
+            console.print()
     out = console.file.getvalue()  # type: ignore[attr-defined]
     return str(out)
 
@@ -102,6 +112,9 @@ def _header(report: RunDynamics) -> Text:
     span = f", steps {steps[0]}–{steps[-1]}" if len(steps) >= 2 else ""
     formats = sorted({c.format for c in report.checkpoints})
     family = report.optimizer_family.value if report.optimizer_family else "no optimizer state"
+    mappings = [c.name_mapping for c in report.checkpoints if c.name_mapping is not None]
+    if mappings:
+        family += f" (names: {mappings[-1].value})"
     lrs = sorted({lr for c in report.checkpoints for lr in c.lrs})
     lr_text = (
         f", lr {fmt(lrs[0])}"
@@ -156,8 +169,11 @@ def _checkpoint_table(report: RunDynamics, layer: LayerDynamics) -> Table:
         "rel. step",
         "angle",
         "lr",
+        "wd",
         "eff. LR",
         "LR factor",
+        "step angle",
+        "equil. angle",
     ):
         table.add_column(name, justify="left" if name == "checkpoint" else "right")
     for p in layer.points:
@@ -169,8 +185,11 @@ def _checkpoint_table(report: RunDynamics, layer: LayerDynamics) -> Table:
             fmt(p.relative_step),
             degrees(p.angular_update),
             fmt(p.lr),
+            fmt(p.weight_decay),
             fmt(p.effective_lr),
             fmt(p.lr_factor),
+            degrees(p.implied_angle),
+            degrees(p.equilibrium_angle),
         )
     return table
 
@@ -196,6 +215,16 @@ CSV_COLUMNS = (
     "effective_lr",
     "lr_factor",
     "nonfinite",
+    "implied_relative_update",
+    "implied_angle_rad",
+    "implied_exact",
+    "optimizer_step",
+    "equilibrium_angle_rad",
+    "optimizer_group",
+    "momentum",
+    "beta1",
+    "beta2",
+    "eps",
 )
 
 
@@ -229,6 +258,16 @@ def render_csv(report: RunDynamics) -> str:
                     _cell(p.effective_lr),
                     _cell(p.lr_factor),
                     p.nonfinite,
+                    _cell(p.implied_relative_update),
+                    _cell(p.implied_angle),
+                    "" if p.implied_exact is None else str(p.implied_exact).lower(),
+                    _cell(p.optimizer_step),
+                    _cell(p.equilibrium_angle),
+                    _cell(p.optimizer_group),
+                    _cell(p.momentum),
+                    _cell(p.betas[0] if p.betas else None),
+                    _cell(p.betas[1] if p.betas else None),
+                    _cell(p.eps),
                 ]
             )
     return buffer.getvalue()
@@ -263,9 +302,11 @@ def report_document(report: RunDynamics) -> dict[str, object]:
                 "classification": to_data(layer.classification),
                 "summary": to_data(layer.summary),
                 "points": to_data(layer.points),
+                "equilibrium": to_data(layer.equilibrium),
             }
             for layer in report.layers
         ],
+        "audit": to_data(report.audit),
         "warnings": list(report.warnings),
         "notes": list(report.notes),
     }
@@ -300,6 +341,8 @@ def render_markdown(report: RunDynamics) -> str:
                 f"| {_notes(layer)} |"
             )
         lines.append("")
+    lines += equilibrium_markdown(report)
+    lines += audit_markdown(report.audit)
     return "\n".join(lines)
 
 

@@ -1,0 +1,395 @@
+"""Benchmark `bnwd inspect` against reading the bytes and against the obvious user script.
+
+Issue 6 targets (2-core machine, page cache warm, all contenders measured in one run):
+  * `bnwd inspect` takes at most 1.5x the time of `cat`-ing every checkpoint file to /dev/null,
+    for torch zip files and for safetensors files;
+  * it is at least 3x faster than the obvious script (`torch.load` each whole file, then loop over
+    the state dict computing norms and differences with torch);
+  * its peak resident memory is at most one checkpoint + 300 MB, and flat in the number of
+    checkpoints (5 vs 40).
+
+The script writes a synthetic run in each format under --data (outside the repository):
+
+  torch/all/step_NNNNNN.pt             torch.save({"model", "optimizer", "step", "epoch"}),
+                                       ResNet-50 state dict + SGD-momentum (or Adam) state
+  safetensors/all/step_NNNNNN.safetensors   the same weights, step in the header metadata
+
+with ResNet-50 tensor shapes (bottlenecks [3, 4, 6, 3], BN with running stats, fc 2048x1000:
+25.6M parameters, 102 MB of float32 weights per checkpoint). `--params` scales the channel widths
+for a smaller (or larger) model. The timed run (`--checkpoints`, default 20) and the memory runs
+(`--memory-checkpoints`, default 5 and 40) are folders of hard links to the first N files of `all/`,
+so the data is written once. Each contender runs as its own process; wall time is the median of
+`--repeat` runs and peak RSS comes from `wait4` (the child's `ru_maxrss`).
+
+    .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 5 minutes
+    .venv/bin/python benchmarks/bench_inspect.py --params 2e6 --checkpoints 5 \\
+        --memory-checkpoints 3,6 --repeat 1                        # smoke test, seconds
+
+Exit status 1 when a target is missed (the table says which), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RESNET50_PARAMS = 25_557_032
+FORMATS = ("torch", "safetensors")
+MB = 1_000_000
+
+
+def resnet50_shapes(width: float = 1.0) -> dict[str, tuple[int, ...]]:
+    """State-dict names and shapes of torchvision's ResNet-50, channel widths scaled by `width`."""
+
+    def ch(c: int) -> int:
+        return max(1, round(c * width))
+
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def bn(prefix: str, c: int) -> None:
+        for suffix in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{suffix}"] = (c,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    stem = ch(64)
+    shapes["conv1.weight"] = (stem, 3, 7, 7)
+    bn("bn1", stem)
+    inplanes = stem
+    for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)):
+        width_c, out_c = ch(planes), ch(planes * 4)
+        for block in range(blocks):
+            p = f"layer{stage + 1}.{block}"
+            shapes[f"{p}.conv1.weight"] = (width_c, inplanes, 1, 1)
+            bn(f"{p}.bn1", width_c)
+            shapes[f"{p}.conv2.weight"] = (width_c, width_c, 3, 3)
+            bn(f"{p}.bn2", width_c)
+            shapes[f"{p}.conv3.weight"] = (out_c, width_c, 1, 1)
+            bn(f"{p}.bn3", out_c)
+            if block == 0:
+                shapes[f"{p}.downsample.0.weight"] = (out_c, inplanes, 1, 1)
+                bn(f"{p}.downsample.1", out_c)
+            inplanes = out_c
+    shapes["fc.weight"] = (1000, inplanes)
+    shapes["fc.bias"] = (1000,)
+    return shapes
+
+
+def count_params(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(
+        math.prod(s)
+        for n, s in shapes.items()
+        if not n.endswith(("running_mean", "running_var")) and not n.endswith("num_batches_tracked")
+    )
+
+
+def shapes_for(params: float) -> dict[str, tuple[int, ...]]:
+    """ResNet-50 shapes whose parameter count is close to `params` (most are quadratic in width)."""
+    width = math.sqrt(params / RESNET50_PARAMS)
+    for _ in range(20):
+        got = count_params(resnet50_shapes(width))
+        if abs(got - params) / params < 0.01:
+            break
+        width *= math.sqrt(params / got)
+    return resnet50_shapes(width)
+
+
+# ----------------------------------------------------------------------------- data generation
+
+
+def generate(root: Path, shapes: dict[str, tuple[int, ...]], count: int, optimizer: str) -> None:
+    """Write `count` checkpoints of a synthetic run in both formats (skipped if already there)."""
+    import torch
+    from safetensors.torch import save_file
+
+    stamp = root / "spec.json"
+    spec = {"shapes": len(shapes), "params": count_params(shapes), "count": count, "opt": optimizer}
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        print(f"reusing the synthetic runs in {root}", file=sys.stderr)
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "torch" / "all").mkdir(parents=True)
+    (root / "safetensors" / "all").mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    params: dict[str, torch.nn.Parameter] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name.endswith("num_batches_tracked"):
+            buffers[name] = torch.zeros((), dtype=torch.int64)
+        elif name.endswith("running_var"):
+            buffers[name] = torch.ones(shape)
+        elif name.endswith("running_mean"):
+            buffers[name] = torch.zeros(shape)
+        elif name.endswith(".bias"):
+            params[name] = torch.nn.Parameter(torch.zeros(shape))
+        elif len(shape) == 1:  # BN gamma
+            params[name] = torch.nn.Parameter(torch.ones(shape))
+        else:
+            fan_in = math.prod(shape[1:])
+            params[name] = torch.nn.Parameter(
+                torch.randn(shape, generator=gen) * math.sqrt(2.0 / fan_in)
+            )
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params.values(), lr=1e-3, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    started = time.perf_counter()
+    for index in range(count):
+        step = index * 100
+        if index:
+            for p in params.values():
+                # gradient ~ 1/|w| scale: relative steps of 1e-3..1e-2, like real training
+                p.grad = torch.randn(p.shape, generator=gen) * (p.detach().abs().mean() + 1e-3)
+            opt.step()
+            for name, buf in buffers.items():
+                if name.endswith("num_batches_tracked"):
+                    buf += 100
+                else:
+                    buf.mul_(0.9).add_(torch.rand(buf.shape, generator=gen) * 0.1)
+        model = {n: (params[n].detach() if n in params else buffers[n]) for n in shapes}
+        torch.save(
+            {"model": model, "optimizer": opt.state_dict(), "step": step, "epoch": index},
+            root / "torch" / "all" / f"step_{step:06d}.pt",
+        )
+        save_file(
+            {n: t.contiguous() for n, t in model.items()},
+            str(root / "safetensors" / "all" / f"step_{step:06d}.safetensors"),
+            metadata={"step": str(step)},
+        )
+        print(
+            f"\rgenerated {index + 1}/{count} checkpoints ({time.perf_counter() - started:.0f} s)",
+            end="",
+            file=sys.stderr,
+        )
+    print(file=sys.stderr)
+    os.sync()
+    stamp.write_text(json.dumps(spec))
+
+
+def subset(root: Path, fmt: str, count: int) -> Path:
+    """A folder of hard links to the first `count` checkpoints of `fmt`."""
+    folder = root / fmt / f"run{count}"
+    files = sorted((root / fmt / "all").iterdir())[:count]
+    if folder.is_dir() and len(list(folder.iterdir())) == len(files):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for file in files:
+        os.link(file, folder / file.name)
+    return folder
+
+
+# ----------------------------------------------------------------------------- contenders
+
+# What a user would write instead of bnwd: load each whole file, loop over the state dict.
+OBVIOUS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from pathlib import Path
+    from safetensors.torch import load_file
+
+    files = sorted(Path(sys.argv[1]).iterdir())
+    results, previous = {}, None
+    for file in files:
+        if file.suffix == ".safetensors":
+            weights = load_file(file)
+        else:
+            weights = torch.load(file, map_location="cpu", weights_only=True)["model"]
+        for name, w in weights.items():
+            if not w.is_floating_point():
+                continue
+            row = {"norm": w.norm().item()}
+            if previous is not None:
+                p = previous[name]
+                row["relative_step"] = ((w - p).norm() / p.norm()).item()
+                row["cosine"] = (torch.dot(w.flatten(), p.flatten()) / (w.norm() * p.norm())).item()
+            results.setdefault(name, []).append(row)
+        previous = weights
+    Path(sys.argv[2]).write_text(json.dumps(results))
+    """
+)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    seconds: float
+    peak_rss_mb: float
+
+
+def measure(command: list[str]) -> Measurement:
+    """Wall time and peak resident memory of one process (its output goes to /dev/null)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.stderr is not None
+    err = process.stderr.read().decode(errors="replace")
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{err}")
+    return Measurement(seconds, usage.ru_maxrss / 1000)  # ru_maxrss is in KiB on Linux
+
+
+def median_of(command: list[str], repeat: int) -> Measurement:
+    runs = [measure(command) for _ in range(repeat)]
+    return Measurement(statistics.median(r.seconds for r in runs), max(r.peak_rss_mb for r in runs))
+
+
+def bnwd_command(folder: Path, output: Path, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "bnwd_cli", "inspect", str(folder),
+        "--format", "json", "-o", str(output), *extra,
+    ]  # fmt: skip
+
+
+def warm(files: list[Path]) -> None:
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def check_agreement(bnwd_json: Path, obvious_json: Path) -> float:
+    """Largest relative disagreement on relative steps (the obvious script works in float32)."""
+    report = json.loads(bnwd_json.read_text())
+    obvious = json.loads(obvious_json.read_text())
+    worst = 0.0
+    for layer in report["layers"]:
+        rows = obvious.get(layer["name"])
+        if rows is None:
+            continue
+        for point, row in zip(layer["points"], rows, strict=True):
+            ours, theirs = point.get("relative_step"), row.get("relative_step")
+            if ours is not None and theirs is not None and theirs > 1e-30:
+                worst = max(worst, abs(ours - theirs) / theirs)
+    return worst
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("/work/bench-data"))
+    parser.add_argument("--params", type=float, default=RESNET50_PARAMS)
+    parser.add_argument("--checkpoints", type=int, default=20, help="checkpoints in the timed run")
+    parser.add_argument("--memory-checkpoints", default="5,40", help="two run lengths for memory")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per contender (median)")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--bnwd-arg", action="append", default=[], help="extra bnwd argument")
+    parser.add_argument("--clean", action="store_true", help="delete --data when done")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    memory_counts = sorted(int(c) for c in args.memory_checkpoints.split(","))
+    formats = [f for f in args.formats.split(",") if f]
+    shapes = shapes_for(args.params)
+    count = max(args.checkpoints, *memory_counts)
+    print(
+        f"model: ResNet-50 shapes, {count_params(shapes) / 1e6:.1f}M parameters, "
+        f"{len(shapes)} tensors; optimizer state: {args.optimizer}; {count} checkpoints",
+        file=sys.stderr,
+    )
+    if args.generate_only:
+        generate(args.data, shapes, count, args.optimizer)
+        return 0
+    # Generated in a child: this process must stay small, because a child's ru_maxrss starts
+    # from the RSS of the process that spawned it (Linux carries it across fork and exec).
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--generate-only",
+            *(argv if argv is not None else sys.argv[1:]),
+        ],
+        check=True,
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="bnwd-bench-"))
+    script = scratch / "obvious.py"
+    script.write_text(OBVIOUS_SCRIPT)
+    failures: list[str] = []
+    lines: list[str] = []
+    try:
+        lines.append(
+            f"ResNet-50-shaped run, {count_params(shapes) / 1e6:.1f}M parameters, "
+            f"{args.checkpoints} checkpoints; median of {args.repeat} runs, page cache warm"
+        )
+        lines.append("")
+        lines.append(
+            "| format | data | contender | wall s | x raw read | obvious / this | peak RSS MB |"
+        )
+        lines.append("|---|---|---|---:|---:|---:|---:|")
+        for fmt in formats:
+            folder = subset(args.data, fmt, args.checkpoints)
+            files = sorted(folder.iterdir())
+            total_mb = sum(f.stat().st_size for f in files) / MB
+            one_mb = max(f.stat().st_size for f in files) / MB
+            warm(files)
+            raw = median_of(["cat", *map(str, files)], args.repeat)
+            out_json = scratch / f"{fmt}.json"
+            obvious_json = scratch / f"{fmt}-obvious.json"
+            obvious = median_of(
+                [sys.executable, str(script), str(folder), str(obvious_json)], args.repeat
+            )
+            ours = median_of(bnwd_command(folder, out_json, args.bnwd_arg), args.repeat)
+            disagreement = check_agreement(out_json, obvious_json)
+            data = f"{len(files)} x {one_mb:.0f} MB"
+            for label, m in (("raw read (cat)", raw), ("obvious script", obvious), ("bnwd", ours)):
+                lines.append(
+                    f"| {fmt} | {data} | {label} | {m.seconds:.2f} | {m.seconds / raw.seconds:.2f} "
+                    f"| {obvious.seconds / m.seconds:.2f} | {m.peak_rss_mb:.0f} |"
+                )
+            if ours.seconds > 1.5 * raw.seconds:
+                failures.append(f"{fmt}: bnwd {ours.seconds / raw.seconds:.2f}x raw read (> 1.5x)")
+            if obvious.seconds < 3 * ours.seconds:
+                failures.append(f"{fmt}: only {obvious.seconds / ours.seconds:.2f}x the obvious")
+            if disagreement > 1e-3:
+                failures.append(
+                    f"{fmt}: relative steps differ from the obvious script's by {disagreement:.1e}"
+                )
+            print(
+                f"{fmt}: {total_mb:.0f} MB read; largest relative-step disagreement with "
+                f"the float32 obvious script {disagreement:.1e}",
+                file=sys.stderr,
+            )
+        lines.append("")
+        lines.append("| format | checkpoints | one checkpoint MB | bnwd peak RSS MB | budget MB |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for fmt in formats:
+            peaks = []
+            for n in memory_counts:
+                folder = subset(args.data, fmt, n)
+                files = sorted(folder.iterdir())
+                one_mb = max(f.stat().st_size for f in files) / MB
+                warm(files)
+                m = measure(bnwd_command(folder, scratch / "memory.json", args.bnwd_arg))
+                peaks.append(m.peak_rss_mb)
+                lines.append(
+                    f"| {fmt} | {n} | {one_mb:.0f} | {m.peak_rss_mb:.0f} | {one_mb + 300:.0f} |"
+                )
+                if m.peak_rss_mb > one_mb + 300:
+                    failures.append(f"{fmt}: peak RSS {m.peak_rss_mb:.0f} MB with {n} checkpoints")
+            if peaks[-1] > peaks[0] * 1.1 + 20:
+                failures.append(
+                    f"{fmt}: peak RSS grows with the run ({peaks[0]:.0f} -> {peaks[-1]:.0f} MB)"
+                )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if args.clean:
+            shutil.rmtree(args.data, ignore_errors=True)
+    print("\n".join(lines))
+    for failure in failures:
+        print(f"MISSED: {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

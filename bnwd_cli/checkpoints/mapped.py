@@ -1,0 +1,383 @@
+"""Zero-copy reads of torch zip and safetensors files through one memory map per file.
+
+Every tensor is a view (`torch.frombuffer`) into a private, copy-on-write map of its file, so a
+tensor's bytes are read only when an operation touches them, straight from the page cache, and
+never copied into the heap. Two costs of the general-purpose readers are avoided:
+
+- `safetensors.safe_open(...).get_tensor` copies every tensor it returns;
+- `torch.load(weights_only=True)` runs a pure-Python unpickler, about 0.1 s for a ResNet-50
+  checkpoint with its optimizer state, more than reading its 200 MB from the page cache takes.
+
+`load_torch_zip` unpickles `data.pkl` with the C unpickler instead, restricted to the four globals
+that a `torch.save` of state dicts and optimizer states uses (an `OrderedDict`, a tensor rebuild
+function, a parameter rebuild function and the typed-storage classes, all on the allow-list of
+`torch.load(weights_only=True)`), replaced by functions of this module. Anything else in the file
+(another global, a sparse or quantized tensor, tensor metadata, backward hooks, a big-endian
+archive, a compressed record) raises `NotMappableError` and the caller uses `torch.load` as before, so
+this path never accepts a file that the weights-only loader would refuse, and never decides how a
+refused file is reported. Bounds are checked by `torch.frombuffer` (record inside the file) and
+`Tensor.set_` (view inside its record).
+
+Resident memory: pages of a map count towards the process's RSS once touched. `release_pages`
+hands them back (`madvise(MADV_DONTNEED)`: the file's pages stay in the page cache, a later read
+faults them in again), which keeps a streaming pass at about one checkpoint's weights however long
+the run. It only ever acts on memory inside a map made here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import mmap
+import os
+import pickle
+import struct
+import sys
+import threading
+import weakref
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PAGE = mmap.PAGESIZE
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors crate's own limit
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class NotMappableError(Exception):
+    """This file needs the general-purpose reader (the message says why, for debugging)."""
+
+
+# Live maps by base address. Weak: a map lives as long as a tensor viewing it (or its
+# MappedFile) does; `release_pages` must never act on memory that is no longer one of them.
+_LIVE: dict[int, tuple[weakref.ref[mmap.mmap], int]] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+class MappedFile:
+    """One file, mapped privately (copy-on-write: writes through a view never reach the file)."""
+
+    def __init__(self, path: Path) -> None:
+        if sys.byteorder != "little":
+            raise NotMappableError("big-endian host")
+        self.path = path
+        # Kept open while the header is parsed: small reads go through pread, not through the
+        # map (a page fault per scattered zip header costs more than a system call).
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        try:
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        except (ValueError, OSError) as exc:  # empty file, or a file system without mmap
+            self.finish_reading()
+            raise NotMappableError(str(exc)) from None
+        self.size = len(self._map)
+        probe = torch.frombuffer(self._map, dtype=torch.uint8, count=1)
+        self.base = probe.data_ptr()
+        del probe
+        with _LIVE_LOCK:
+            for base in [b for b, (ref, _) in _LIVE.items() if ref() is None]:
+                del _LIVE[base]
+            _LIVE[self.base] = (weakref.ref(self._map), self.size)
+
+    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The tensor stored at byte `offset` (contiguous, little-endian), without a copy."""
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        itemsize = dtype.itemsize
+        if (self.base + offset) % itemsize:
+            # Misaligned (safetensors does not pad between tensors of different widths): copy.
+            raw = torch.frombuffer(
+                self._map, dtype=torch.uint8, count=numel * itemsize, offset=offset
+            )
+            return raw.clone().view(dtype).reshape(shape)
+        return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset).reshape(shape)
+
+    def bytes_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size or self._fd is None:
+            raise NotMappableError(f"read of {length} bytes at {offset} past the end of the file")
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise NotMappableError(f"short read at {offset} (file changed while read?)")
+        return data
+
+    def finish_reading(self) -> None:
+        """Close the descriptor used by `bytes_at` (the map stays)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def release_pages(*tensors: torch.Tensor | None) -> None:
+    """Drop the pages backing `tensors` from this process's resident set.
+
+    Only tensors that view a live `MappedFile` are affected (others are left alone); their data
+    stays valid and is faulted back in from the page cache when next read. Pages at the edges
+    may be shared with neighbouring tensors of the same file; those refault just the same.
+    """
+    with _LIVE_LOCK:
+        live = [(base, ref(), size) for base, (ref, size) in _LIVE.items()]
+    for tensor in tensors:
+        if tensor is None or tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        start, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes < PAGE:
+            continue
+        for base, mapping, size in live:
+            if mapping is not None and base <= start and start + nbytes <= base + size:
+                first = (start - base) // PAGE * PAGE
+                last = min(size, -(-(start + nbytes - base) // PAGE) * PAGE)
+                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+                break
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """Absolute byte offset of the tensor's data in the file."""
+
+
+class SafetensorsFile:
+    """A safetensors file: header validated as the format's reference reader does, tensors mapped."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = MappedFile(path)
+        try:
+            self.entries, self.metadata = _parse_safetensors_header(self.file)
+        finally:
+            self.file.finish_reading()
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """The tensor stored under `key` (as `safe_open(...).get_tensor`, without the copy)."""
+        entry = self.entries[key]
+        return self.file.view(entry.offset, entry.shape, entry.dtype)
+
+
+def _parse_safetensors_header(
+    file: MappedFile,
+) -> tuple[dict[str, SafetensorsEntry], dict[str, str]]:
+    if file.size < 8:
+        raise NotMappableError("shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", file.bytes_at(0, 8))
+    if length > MAX_SAFETENSORS_HEADER or 8 + length > file.size:
+        raise NotMappableError("implausible header length")
+    try:
+        header = json.loads(file.bytes_at(8, length))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NotMappableError(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise NotMappableError("header is not a JSON object")
+    data_start, data_len = 8 + length, file.size - 8 - length
+    metadata_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict) or not all(
+        isinstance(v, str) for v in metadata_raw.values()
+    ):
+        raise NotMappableError("__metadata__ is not a string-to-string map")
+    entries: dict[str, SafetensorsEntry] = {}
+    spans: list[tuple[int, int]] = []
+    for key, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise NotMappableError(
+                f"entry {key!r} is malformed or of an unsupported dtype"
+            ) from None
+        if not all(type(s) is int and s >= 0 for s in (*shape, begin, end)):
+            raise NotMappableError(f"entry {key!r} has a non-integer or negative size or offset")
+        itemsize = dtype.itemsize
+        if not begin <= end <= data_len or end - begin != math.prod(shape) * itemsize:
+            raise NotMappableError(f"entry {key!r}: data offsets do not match its shape and dtype")
+        entries[key] = SafetensorsEntry(dtype, shape, data_start + begin)
+        spans.append((begin, end))
+    # Like the reference reader: the tensors tile the data section, without gaps or overlaps.
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise NotMappableError("tensor data overlaps or leaves gaps")
+        position = end
+    if position != data_len:
+        raise NotMappableError("data section does not end with the last tensor")
+    return entries, {str(k): v for k, v in metadata_raw.items()}
+
+
+# ----------------------------------------------------------------------------- torch zip
+
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _TorchZip:
+    def __init__(self, file: MappedFile) -> None:
+        self.file = file
+        try:
+            with zipfile.ZipFile(file.path) as archive:
+                infos = archive.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise NotMappableError(f"zip directory unreadable ({exc})") from None
+        pickles = [i for i in infos if i.filename.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise NotMappableError("not exactly one data.pkl")
+        self.prefix = pickles[0].filename[: -len("data.pkl")]
+        self.records = {i.filename: i for i in infos if i.filename.startswith(self.prefix)}
+        byteorder = self.records.get(self.prefix + "byteorder")
+        if byteorder is not None and self._record(byteorder, byteorder.file_size) != b"little":
+            raise NotMappableError("not a little-endian archive")
+        self.pickle = self._record(pickles[0], pickles[0].file_size)
+        self.storages: dict[str, torch.Tensor] = {}
+        self.storage_ids: set[int] = set()
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise NotMappableError(f"record {info.filename} is compressed or encrypted")
+        head = self.file.bytes_at(info.header_offset, 30)
+        if head[:4] != b"PK\x03\x04":
+            raise NotMappableError(f"record {info.filename} has no local header")
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        return info.header_offset + 30 + name_len + extra_len
+
+    def _record(self, info: zipfile.ZipInfo, length: int) -> bytes:
+        return self.file.bytes_at(self._data_offset(info), length)
+
+    def storage(self, saved_id: object) -> torch.Tensor:
+        """`persistent_load`: a 1-D view of one storage record."""
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+            raise NotMappableError(f"unexpected persistent id {saved_id!r:.80}")
+        _, dtype, key, _location, numel = saved_id
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+            raise NotMappableError("malformed storage reference")
+        if type(numel) is not int or numel < 0:
+            raise NotMappableError("malformed storage size")
+        known = self.storages.get(key)
+        if known is not None:
+            if known.dtype != dtype or known.numel() != numel:
+                raise NotMappableError(f"storage {key} referenced with two dtypes or sizes")
+            return known
+        info = self.records.get(f"{self.prefix}data/{key}")
+        if info is None:
+            raise NotMappableError(f"no record for storage {key}")
+        itemsize = dtype.itemsize
+        if info.file_size < numel * itemsize:
+            raise NotMappableError(f"record of storage {key} is shorter than the storage")
+        if numel == 0:
+            view = torch.empty((0,), dtype=dtype)
+        else:
+            offset = self._data_offset(info)
+            if (self.file.base + offset) % itemsize:
+                raise NotMappableError(f"storage {key} is misaligned")
+            view = torch.frombuffer(self.file._map, dtype=dtype, count=numel, offset=offset)
+        self.storages[key] = view
+        self.storage_ids.add(id(view))
+        return view
+
+    def rebuild_tensor(
+        self,
+        storage: object,
+        storage_offset: object,
+        size: object,
+        stride: object,
+        requires_grad: object,
+        backward_hooks: object,
+        metadata: object = None,
+    ) -> torch.Tensor:
+        """`torch._utils._rebuild_tensor_v2` for plain dense tensors."""
+        if not isinstance(storage, torch.Tensor) or id(storage) not in self.storage_ids:
+            raise NotMappableError("tensor rebuilt from something that is not a storage")
+        if metadata or backward_hooks or not isinstance(requires_grad, bool):
+            raise NotMappableError("tensor with metadata or hooks")
+        if not (
+            type(storage_offset) is int
+            and isinstance(size, tuple)
+            and isinstance(stride, tuple)
+            and len(size) == len(stride)
+            and all(type(s) is int for s in (*size, *stride))
+        ):
+            raise NotMappableError("malformed tensor geometry")
+        tensor = torch.empty((0,), dtype=storage.dtype)
+        # set_ checks the view against the storage's bounds.
+        return tensor.set_(storage.untyped_storage(), storage_offset, size, stride)
+
+    def rebuild_parameter(
+        self, data: object, requires_grad: object, backward_hooks: object
+    ) -> torch.nn.Parameter:
+        if not isinstance(data, torch.Tensor) or backward_hooks:
+            raise NotMappableError("parameter with hooks")
+        return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """The C unpickler, able to build nothing but containers, scalars and plain tensors."""
+
+    def __init__(self, archive: _TorchZip) -> None:
+        super().__init__(io.BytesIO(archive.pickle), encoding="utf-8")
+        self._archive = archive
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return self._archive.rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return self._archive.rebuild_parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a dtype: neither callable nor buildable
+        raise NotMappableError(f"global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._archive.storage(pid)
+
+
+def load_torch_zip(path: Path) -> Any:
+    """`torch.load(path, mmap=True, weights_only=True)` for the common case, faster.
+
+    Raises `NotMappableError` whenever the file holds anything beyond state dicts, optimizer states,
+    plain Python values and dense CPU-layout tensors; then use `torch.load`.
+    """
+    file = MappedFile(path)
+    try:
+        return _RestrictedUnpickler(_TorchZip(file)).load()
+    except NotMappableError:
+        raise
+    except Exception as exc:  # any failure: let the general reader decide and report
+        raise NotMappableError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        file.finish_reading()

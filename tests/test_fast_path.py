@@ -1,0 +1,447 @@
+"""The fast path of the streaming pass against simple references.
+
+- `metrics.kernels.tensor_stats` (blocked float64 sweeps, two threads) against a plain numpy
+  computation in extended precision (`np.longdouble`), on random tensors of several dtypes and
+  shapes, with relative steps down to 1e-9 (where a float32 pass would drown);
+- the block-computed optimizer step of `metrics.updates` against `previous_weight`;
+- the zero-copy readers of `checkpoints.mapped` against `safetensors.torch.load_file` and
+  `torch.load(weights_only=True)`, including the files they must refuse;
+- `bnwd --help` / `--version` without importing torch.
+
+No timings are asserted here; benchmarks/bench_inspect.py measures speed and memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bnwd_cli.checkpoints.mapped import (
+    NotMappableError,
+    SafetensorsFile,
+    load_torch_zip,
+    release_pages,
+)
+from bnwd_cli.checkpoints.reader import SafetensorsSource
+from bnwd_cli.checkpoints.safe_load import load_torch_file
+from bnwd_cli.errors import CheckpointError, UnsafeCheckpointError
+from bnwd_cli.metrics import kernels
+from bnwd_cli.metrics.kernels import tensor_stats
+from bnwd_cli.metrics.optimizer import OptimizerFamily, ParamHyper
+from bnwd_cli.metrics.updates import ImpliedStep, NoImpliedStep, implied_step, previous_weight
+
+LONG = np.longdouble
+EXTENDED = np.finfo(LONG).eps < 1e-18  # x86-64: 64-bit significand
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(
+    b: torch.Tensor, a: torch.Tensor, *, per_row: bool
+) -> tuple[float, float, np.ndarray, np.ndarray, float]:
+    """norm(b), |b - a|, row norms of b, per-row angles, whole angle; long double throughout.
+
+    The angle uses the explicit projection `atan2(|d - (<d,a>/|a|^2) a|, <b,a>/|a|)`, whose
+    cancellation is harmless at 64-bit precision for the cases below.
+    """
+    rows = b.shape[0] if per_row and b.dim() >= 2 else 1
+    bl = b.double().numpy().astype(LONG).reshape(rows, -1)
+    al = a.double().numpy().astype(LONG).reshape(rows, -1)
+    d = bl - al
+
+    def angle(x: np.ndarray, y: np.ndarray, step: np.ndarray) -> float:
+        xx = np.sum(x * x)
+        if xx == 0 or np.sum(y * y) == 0:
+            return math.nan
+        across = step - (np.sum(step * x) / xx) * x
+        return float(np.arctan2(np.sqrt(np.sum(across * across)), np.sum(y * x) / np.sqrt(xx)))
+
+    row_norms = np.sqrt(np.sum(bl * bl, axis=1))
+    row_angles = np.array([angle(al[r], bl[r], d[r]) for r in range(rows)], dtype=np.float64)
+    whole = angle(al.ravel(), bl.ravel(), d.ravel())
+    return (
+        float(np.sqrt(np.sum(bl * bl))),
+        float(np.sqrt(np.sum(d * d))),
+        row_norms.astype(np.float64),
+        row_angles,
+        whole,
+    )
+
+
+def nudged(a: torch.Tensor, relative: float, generator: torch.Generator) -> torch.Tensor:
+    """`a` with a few elements set to powers of two and moved by one ulp, so that |b - a| / |a|
+    is about `relative` (within the dtype's range) and exact in a's own dtype."""
+    info = torch.finfo(a.dtype)
+    bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}[a.dtype]
+    b = a.clone()
+    flat_a, flat_b = a.view(-1), b.view(-1)
+    count = max(1, min(flat_a.numel() // 4, 64))
+    index = torch.randperm(flat_a.numel(), generator=generator)[:count]
+    per_element = relative * float(a.double().norm()) / math.sqrt(count)
+    exponent = max(math.floor(math.log2(per_element)) + bits - 1, math.ceil(math.log2(info.tiny)))
+    base = 2.0**exponent
+    flat_a[index] = base
+    flat_b[index] = base + 2.0 ** (exponent - bits + 1)
+    return b
+
+
+SHAPES = [
+    ((1000,), False),  # BN-like vector
+    ((64, 32, 3, 3), True),  # conv, per row
+    ((48, 7), True),  # odd sizes
+    ((512, 64, 3, 3), True),  # big enough for the two-thread split
+    ((300, 2200), False),  # whole tensor: long rows split into blocks
+    ((3, 40000), True),  # rows longer than a block
+]
+
+
+@pytest.mark.skipif(not EXTENDED, reason="needs an extended-precision long double")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("shape", "per_row"), SHAPES)
+@pytest.mark.parametrize("relative", [1e-2, 1e-6, 1e-9])
+def test_fast_path_matches_extended_precision_reference(
+    dtype: torch.dtype, shape: tuple[int, ...], per_row: bool, relative: float
+) -> None:
+    g = torch.Generator().manual_seed(zlib.crc32(repr((dtype, shape, relative)).encode()))
+    a = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    if relative >= 1e-3:
+        b = a.double() + relative * 0.05 * torch.randn(shape, generator=g, dtype=torch.float64)
+        b = b.to(dtype)
+    else:
+        b = nudged(a, relative, g)  # modifies a too
+    norm, diff, row_norms, row_angles, whole = reference(b, a, per_row=per_row)
+    achieved = diff / float(a.double().norm())
+    assert 0 < achieved < max(10 * relative, 1e-6)  # the case is what it says (float16: ~3e-7)
+    stats = tensor_stats(b, a, per_row=per_row)
+    assert stats.norm == pytest.approx(norm, rel=1e-13)
+    assert stats.diff_norm == pytest.approx(diff, rel=1e-12)
+    assert stats.angle == pytest.approx(whole, rel=1e-9, abs=1e-15)
+    if per_row and len(shape) >= 2:
+        assert stats.row_norms is not None and stats.row_angles is not None
+        np.testing.assert_allclose(stats.row_norms.numpy(), row_norms, rtol=1e-13)
+        got = stats.row_angles.numpy()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(row_angles))
+        ok = ~np.isnan(row_angles)
+        np.testing.assert_allclose(got[ok], row_angles[ok], rtol=1e-9, atol=1e-15)
+    else:
+        assert stats.row_norms is None
+    # The textbook float32 computation cannot see the smallest of these steps at all.
+    if achieved < 1e-8 and dtype is torch.float32:
+        cos = torch.dot(a.reshape(-1), b.reshape(-1)) / (a.norm() * b.norm())
+        assert abs(math.acos(min(1.0, float(cos))) - whole) > 0.5 * whole
+
+
+def test_cached_previous_sums_and_step_mode_agree_with_the_plain_call() -> None:
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(256, 128, 3, 3, generator=g)
+    b = a + 1e-4 * torch.randn(a.shape, generator=g)
+    plain = tensor_stats(b, a, per_row=True)
+    first = tensor_stats(a, None, per_row=True)
+    cached = tensor_stats(b, a, per_row=True, previous_row_sq=first.row_sq)
+    stepped = tensor_stats(b, None, per_row=True, step=b.double() - a.double())
+    for other in (cached, stepped):
+        assert other.norm == pytest.approx(plain.norm, rel=1e-14)
+        assert other.diff_norm == pytest.approx(plain.diff_norm, rel=1e-13)
+        assert other.angle == pytest.approx(plain.angle, rel=1e-11)
+        assert other.row_angles is not None and plain.row_angles is not None
+        np.testing.assert_allclose(other.row_angles.numpy(), plain.row_angles.numpy(), rtol=1e-10)
+    assert stepped.previous_sum_sq == pytest.approx(float(a.double().square().sum()), rel=1e-14)
+
+
+def test_radial_steps_take_the_explicit_path_and_stay_accurate() -> None:
+    # A step almost along the weight (a pure rescaling plus a tiny turn) is where the sums
+    # alone would cancel; the kernel must notice and still give the turn to 1e-9.
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(32, 300, dtype=torch.float64, generator=g)
+    turn = torch.randn(32, 300, dtype=torch.float64, generator=g)
+    turn -= (turn * a).sum(1, keepdim=True) / (a * a).sum(1, keepdim=True) * a
+    b = 1.5 * a + 1e-7 * turn
+    assert kernels._needs_explicit(kernels._row_sums(b, a, None, need_prev_sq=True)).all()
+    stats = tensor_stats(b, a, per_row=True)
+    expected = torch.atan2(1e-7 * turn.norm(dim=1), 1.5 * a.norm(dim=1))
+    assert stats.row_angles is not None
+    np.testing.assert_allclose(stats.row_angles.numpy(), expected.numpy(), rtol=1e-8)
+
+
+def test_other_devices_and_dtypes_use_the_reference_path() -> None:
+    a = torch.arange(12, dtype=torch.int32).reshape(3, 4)
+    b = a + 1
+    stats = tensor_stats(b, a, per_row=True)
+    assert stats.diff_norm == pytest.approx(math.sqrt(12))
+    assert stats.norm == pytest.approx(float(b.double().norm()))
+
+
+# ----------------------------------------------------------------------------- implied steps
+
+
+def hyper(family: OptimizerFamily) -> ParamHyper:
+    if family.is_sgd:
+        return ParamHyper(lr=0.1, weight_decay=5e-4, group=0, momentum=0.9, dampening=0.0)
+    return ParamHyper(lr=1e-3, weight_decay=0.05, group=0, betas=(0.9, 0.999), eps=1e-8)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        OptimizerFamily.SGD_MOMENTUM,
+        OptimizerFamily.ADAMW,
+        OptimizerFamily.ADAM,
+        OptimizerFamily.ADAM_OR_ADAMW,
+    ],
+)
+@pytest.mark.parametrize("per_row", [True, False])
+def test_block_computed_step_matches_previous_weight(
+    family: OptimizerFamily, per_row: bool
+) -> None:
+    g = torch.Generator().manual_seed(17)
+    w = torch.randn(96, 40, 3, 3, generator=g) * 0.05
+    if family.is_sgd:
+        state: dict[str, object] = {"momentum_buffer": torch.randn(w.shape, generator=g) * 1e-3}
+    else:
+        state = {
+            "step": torch.tensor(250.0),
+            "exp_avg": torch.randn(w.shape, generator=g) * 1e-3,
+            "exp_avg_sq": torch.rand(w.shape, generator=g) * 1e-6,
+        }
+    fast = implied_step(w, state, hyper(family), family, per_row=per_row)
+    before = previous_weight(w, state, hyper(family), family, per_row=per_row)
+    assert isinstance(fast, ImpliedStep) and not isinstance(before, NoImpliedStep)
+    previous, exact, _, count = before
+    slow = tensor_stats(w, previous, per_row=per_row)
+    previous_norm = float(previous.square().sum().sqrt())
+    assert slow.diff_norm is not None
+    assert fast.relative_update == pytest.approx(slow.diff_norm / previous_norm, rel=1e-10)
+    assert fast.exact == exact and fast.optimizer_step == count
+    if per_row:
+        assert slow.row_angles is not None
+        rms = float(slow.row_angles.square().mean().sqrt())
+        assert fast.angular_update == pytest.approx(rms, rel=1e-9)
+    else:
+        assert fast.angular_update == pytest.approx(slow.angle, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def test_mapped_safetensors_equal_load_file(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "a.weight": torch.randn(64, 3, 3, 3, generator=g),
+        "b.bf16": torch.randn(17, generator=g).to(torch.bfloat16),
+        "c.half": torch.randn(5, 3, generator=g).to(torch.float16),
+        "d.double": torch.randn(4, generator=g, dtype=torch.float64),
+        "e.count": torch.tensor(7, dtype=torch.int64),
+        "f.empty": torch.zeros(0, 4),
+        "g.bytes": torch.arange(3, dtype=torch.uint8),  # leaves what follows misaligned
+        "h.after": torch.randn(9, generator=g),
+    }
+    path = tmp_path / "weights.safetensors"
+    save_file(tensors, str(path), metadata={"step": "12"})
+    expected = load_file(str(path))
+    mapped = SafetensorsFile(path)
+    assert mapped.metadata == {"step": "12"}
+    assert set(mapped.keys()) == set(expected)
+    for key, tensor in expected.items():
+        got = mapped.get_tensor(key)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, key
+        assert torch.equal(got, tensor), key
+    # big tensors are views of the file, not copies
+    view = mapped.get_tensor("a.weight")
+    assert view.untyped_storage().data_ptr() == mapped.file.base + mapped.entries["a.weight"].offset
+
+
+def _safetensors_bytes(header: dict[str, object], data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}},  # size mismatch
+        {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}},  # past the end
+        {"x": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}},
+        {"x": {"dtype": "Q99", "shape": [4], "data_offsets": [0, 16]}},
+        {
+            "x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "y": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},  # overlap
+        },
+    ],
+)
+def test_malformed_safetensors_are_refused(tmp_path: Path, header: dict[str, object]) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_safetensors_bytes(header, bytes(16)))
+    with pytest.raises(NotMappableError):
+        SafetensorsFile(path)
+    # The reader then defers to the safetensors library, which explains what is wrong.
+    with pytest.raises(CheckpointError):
+        SafetensorsSource((path,))
+
+
+# ----------------------------------------------------------------------------- torch zip
+
+
+def _assert_same(x: object, y: object) -> None:
+    assert type(x) is type(y), (type(x), type(y))
+    if isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor)
+        assert (x.dtype, x.shape, x.stride()) == (y.dtype, y.shape, y.stride())
+        assert torch.equal(x, y)
+    elif isinstance(x, dict):
+        assert isinstance(y, dict)
+        assert list(x) == list(y)
+        for key in x:
+            _assert_same(x[key], y[key])
+    elif isinstance(x, list | tuple):
+        assert isinstance(y, list | tuple)
+        assert len(x) == len(y)
+        for u, v in zip(x, y, strict=True):
+            _assert_same(u, v)
+    else:
+        assert x == y
+
+
+def _training_checkpoint(optimizer: str) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(4),
+    )
+    model(torch.randn(2, 3, 8, 8))
+    opt: torch.optim.Optimizer
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1, "epoch": 0}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_mapped_torch_zip_equals_torch_load(tmp_path: Path, optimizer: str) -> None:
+    checkpoint = _training_checkpoint(optimizer)
+    shared = torch.randn(6, 4)
+    checkpoint["extras"] = {
+        "tied_a": shared,
+        "tied_b": shared,  # the same storage twice
+        "transposed": shared.t(),  # a non-contiguous view
+        "param": torch.nn.Parameter(torch.randn(3)),
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "nested": [1, 2.5, "text", None, (True, -3)],
+    }
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint, path)
+    expected = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    got = load_torch_zip(path)
+    _assert_same(got, expected)
+    extras = got["extras"]
+    assert extras["tied_a"].data_ptr() == extras["tied_b"].data_ptr()
+    assert extras["transposed"].data_ptr() == extras["tied_a"].data_ptr()
+    assert load_torch_file(path).keys() == expected.keys()
+
+
+class _Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned-by-pickle",))
+
+
+def test_mapped_torch_zip_refuses_foreign_globals_and_runs_no_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    # Swap data.pkl for a pickle that calls os.system on load.
+    with zipfile.ZipFile(path) as archive:
+        members = {i.filename: archive.read(i) for i in archive.infolist()}
+    name = next(n for n in members if n.endswith("data.pkl"))
+    members[name] = pickle.dumps({"w": _Payload()}, protocol=2)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    with pytest.raises(NotMappableError, match="global"):
+        load_torch_zip(path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_torch_file(path)
+    assert not (tmp_path / "pwned-by-pickle").exists()
+
+
+def test_metadata_objects_fall_back_to_the_general_loader(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "timm.pth.tar"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(NotMappableError):
+        load_torch_zip(path)
+    loaded = load_torch_file(path)  # placeholders for the Namespace, as before
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_release_pages_keeps_data_and_ignores_heap_tensors(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    weights = {"big": torch.randn(512, 1024, generator=g), "small": torch.randn(7, generator=g)}
+    path = tmp_path / "w.safetensors"
+    save_file(weights, str(path))
+    mapped = SafetensorsFile(path)
+    big = mapped.get_tensor("big")
+    before = big.clone()
+    release_pages(big, mapped.get_tensor("small"), None)
+    assert torch.equal(big, before)  # faulted back in from the file
+    heap = torch.randn(1 << 20, generator=g)
+    copy = heap.clone()
+    release_pages(heap)  # not a map of ours: must be left alone
+    assert torch.equal(heap, copy)
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["inspect", "--help"]])
+def test_help_and_version_do_not_import_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from bnwd_cli.cli.app import app\n"
+        f"result = CliRunner().invoke(app, {argv!r})\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert result.output.strip(), 'no output'\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_ordered_dict_metadata_survives(tmp_path: Path) -> None:
+    # state_dict() carries `_metadata` on its OrderedDict (BUILD in the pickle).
+    state = torch.nn.Linear(2, 2).state_dict()
+    path = tmp_path / "sd.pt"
+    torch.save(state, path)
+    got = load_torch_zip(path)
+    assert isinstance(got, OrderedDict)
+    assert getattr(got, "_metadata", None) == getattr(
+        torch.load(path, weights_only=True), "_metadata", None
+    )
