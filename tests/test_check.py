@@ -264,7 +264,8 @@ def test_json_output(failing_run: Path) -> None:
     assert finding["layers"] == ["conv.weight"]
     # early window = second checkpoint (x1.5), late = last (x2.5): (1.5/2.5)^2
     assert finding["evidence"]["effective_lr_factor_change"] == pytest.approx(
-        (1.5 / 2.5) ** 2, rel=1e-6  # float32 weights
+        (1.5 / 2.5) ** 2,
+        rel=1e-6,  # float32 weights
     )
 
 
@@ -334,3 +335,61 @@ def test_defaults_pass_the_healthy_sample_and_fail_noconvl2() -> None:
     collapsed = {f["layers"][0] for f in rules["effective-lr-collapse"]["findings"]}
     # the three conv weights are the ones trained without decay in the NoConvL2 run
     assert collapsed == {"conv1.weight", "conv2.weight", "conv3.weight"}
+
+
+def rotating_run(folder: Path, angle_per_step: float, steps: range) -> Path:
+    """Checkpoints one optimizer step apart whose conv rows each turn by `angle_per_step`.
+
+    Plain SGD, lr 0.1, wd 0.1, no momentum: theory's equilibrium angle is sqrt(2*lr*wd) =
+    0.1414 rad per step and its relaxation time (1-m)/(4*lr*wd) = 25 steps.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 36, generator=generator)
+    b = torch.randn(8, 36, generator=generator)
+    a = a / a.norm(dim=1, keepdim=True)
+    b = b - (b * a).sum(dim=1, keepdim=True) * a
+    b = b / b.norm(dim=1, keepdim=True)
+    names = ["conv.weight", "bn.weight", "bn.bias", "head.weight", "head.bias"]
+    for step in steps:
+        theta = angle_per_step * step
+        conv = (math.cos(theta) * a + math.sin(theta) * b).reshape(8, 4, 3, 3)
+        model = {
+            "conv.weight": conv,
+            "bn.weight": torch.ones(8),
+            "bn.bias": torch.zeros(8),
+            "bn.running_mean": torch.zeros(8),
+            "bn.running_var": torch.ones(8),
+            "head.weight": torch.ones(3, 8),
+            "head.bias": torch.zeros(3),
+        }
+        group = {
+            "lr": 0.1,
+            "momentum": 0.0,
+            "dampening": 0,
+            "nesterov": False,
+            "weight_decay": 0.1,
+            "params": list(range(5)),
+            "param_names": names,
+        }
+        torch.save(
+            {"model": model, "optimizer": {"state": {}, "param_groups": [group]}, "step": step},
+            folder / f"step_{step:04d}.pt",
+        )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("angle", "steps", "fires"),
+    [
+        (0.01, range(100, 106), True),  # x0.07 of the prediction, 4x the relaxation time
+        (0.14, range(100, 106), False),  # at the prediction
+        (0.01, range(30, 36), False),  # too early to judge: 1.4x the relaxation time
+    ],
+)
+def test_equilibrium_rule(tmp_path: Path, angle: float, steps: range, fires: bool) -> None:
+    found = findings_of(rotating_run(tmp_path / "run", angle, steps))
+    assert bool(found["equilibrium"]) is fires
+    if fires:
+        assert "conv.weight" in found["equilibrium"][0]
+        assert "8.1 deg" in found["equilibrium"][0]  # predicted sqrt(0.02) rad = 8.10 deg

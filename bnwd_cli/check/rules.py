@@ -254,35 +254,38 @@ def _equilibrium(
     run: RunDynamics, layers: Sequence[LayerDynamics], s: RuleSettings, rule: str
 ) -> list[Finding]:
     """Decayed invariant layers far from the predicted equilibrium after the time it needs."""
-    tolerance = s.thresholds["max-deviation"]
+    factor = 1.0 + s.thresholds["max-deviation"]
     findings = []
     for layer in _invariant(layers):
-        eq = getattr(layer, "equilibrium", None)
-        if eq is None:
+        eq = layer.equilibrium
+        if eq is None or not eq.prediction.exists or eq.prediction.angle is None:
             continue
-        predicted = getattr(eq, "predicted_angular_update", None)
-        measured = getattr(eq, "measured_angular_update", None)
-        needed = getattr(eq, "time_to_equilibrium", None)
-        elapsed = getattr(eq, "steps_elapsed", None)
-        if not predicted or measured is None or needed is None or elapsed is None:
+        tau, elapsed, measured = (
+            eq.prediction.steps_to_equilibrium,
+            eq.steps_elapsed,
+            eq.measured_angle,
+        )
+        if tau is None or elapsed is None or measured is None:
             continue
-        if elapsed < s.thresholds["min-elapsed-times"] * needed:
+        if elapsed < s.thresholds["min-elapsed-times"] * tau:
             continue
-        deviation = abs(math.log(measured / predicted)) if measured > 0 else math.inf
-        if deviation > math.log(1 + tolerance):
+        predicted = eq.prediction.angle
+        ratio = measured / predicted
+        if ratio > factor or ratio < 1.0 / factor:
             findings.append(
                 Finding(
                     rule,
                     s.severity,
                     (layer.name,),
                     f"{layer.name}: per-step angle {math.degrees(measured):.3g} deg vs predicted "
-                    f"{math.degrees(predicted):.3g} deg after {elapsed} steps "
-                    f"({elapsed / needed:.1f}x the time to equilibrium)",
+                    f"{math.degrees(predicted):.3g} deg (x{ratio:.2f}) after {elapsed} steps, "
+                    f"{elapsed / tau:.1f}x the time to equilibrium",
                     {
                         "measured_rad": measured,
                         "predicted_rad": predicted,
+                        "ratio": ratio,
                         "steps_elapsed": elapsed,
-                        "time_to_equilibrium": needed,
+                        "time_to_equilibrium": tau,
                     },
                 )
             )
