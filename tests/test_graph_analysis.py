@@ -506,3 +506,35 @@ def test_checkpoint_that_does_not_match_the_model(tmp_path: Path) -> None:
     torch.save({"conv1.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="missing parameters"):
         load_model_file(MODELS / "data_dependent.py", checkpoint=tmp_path / "other.pt")
+
+
+def test_pre_norm_transformer_residual_stream_is_one_joint_group() -> None:
+    result = classify("transformer_like.py")
+    p = by_name(result)
+    stream = {"patch.weight", "patch.bias", "cls", "pos"} | {
+        f"blocks.{b}.{layer}.{t}"
+        for b in (0, 1)
+        for layer in ("attn.proj", "fc2")
+        for t in ("weight", "bias")
+    }
+    gid = p["patch.weight"].joint_group
+    assert gid is not None and set(result.joint_groups[gid]) == stream
+    assert all(p[name].joint_group == gid for name in stream)
+    for b in (0, 1):
+        for name in ("attn.qkv.weight", "attn.qkv.bias", "fc1.weight", "fc1.bias"):
+            assert p[f"blocks.{b}.{name}"].kind is SENS
+    assert p["head.weight"].kind is SENS
+
+
+def test_preactivation_residual_stream() -> None:
+    p = by_name(classify("transformer_like.py", "build_preact"))
+    assert (p["stem.weight"].granularity, p["conv2.weight"].granularity) == (
+        Granularity.JOINT,
+        Granularity.JOINT,
+    )
+    assert p["stem.weight"].joint_group == p["conv2.weight"].joint_group
+    assert set(p["stem.weight"].norm_layers) == {"bn1", "bn_final"}
+    assert (p["conv1.weight"].granularity, p["conv1.weight"].norm_layers) == (
+        Granularity.PER_ROW,
+        ("bn2",),
+    )

@@ -17,12 +17,7 @@ from torch import nn
 
 from bnwd_cli.errors import UsageError
 from bnwd_cli.graph.analyze import classify_model
-from bnwd_cli.graph.classes import (
-    Granularity,
-    ModelClassification,
-    ParamClassification,
-    ParamKind,
-)
+from bnwd_cli.graph.classes import Granularity, ModelClassification, ParamKind
 from bnwd_cli.graph.heuristic import TensorEntry, classify_state_dict
 from bnwd_cli.graph.model_file import LoadedModel, load_model_file
 from bnwd_cli.graph.verify import (
@@ -75,6 +70,8 @@ def with_claim(c: ModelClassification, name: str, **changes: object) -> ModelCla
         ("data_dependent.py", None),
         ("norm_subclasses.py", "build_model"),
         ("norm_subclasses.py", "build_functional"),
+        ("transformer_like.py", None),
+        ("transformer_like.py", "build_preact"),
     ],
 )
 def test_numbers_confirm_the_graph_on_every_model(file: str, factory: str | None) -> None:
@@ -325,7 +322,3 @@ def test_param_records_follow_the_classification() -> None:
     )
     report = verify_classification(loaded.model, loaded.example_input, alone)
     assert numeric(report)["conv_ln.weight"] is V.NOT_INVARIANT
-
-
-def _unused(_: ParamClassification) -> None:  # keeps the import used for type readers
-    return None

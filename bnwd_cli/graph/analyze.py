@@ -487,6 +487,8 @@ class _Analysis:
                 failures.append((i, out))
                 if not collect_all:
                     return PassResult(False, i, out, neutralizers, via, failures)
+            if isinstance(out, Broken) and not out.origins:
+                continue  # nothing downstream of it can name a partner: stop following it
             states[i] = out
             if i in self.output_set and not isinstance(out, Broken):
                 failure = Broken("reaches the model output rescaled", out.origins)
@@ -1687,9 +1689,9 @@ class _Classifier:
                         return _Invariance(Granularity.PER_GROUP, per_group, rows // size)
         return _Invariance(Granularity.WHOLE_TENSOR, uniform)
 
-    def joint_search(
-        self, name: str, first: PassResult
-    ) -> tuple[frozenset[str], PassResult] | None:
+    def joint_search(self, name: str) -> tuple[frozenset[str], PassResult] | None:
+        """Grow `{name}` by the parameters that produce what was mixed into its rescaling, until
+        the set is invariant (checked by a clean pass) or no partner is left."""
         params = self.graph.params
         members = {name}
         result = self.analysis.run({params[name]: Wave(_ONE)}, collect_all=True)
@@ -1714,8 +1716,8 @@ class _Classifier:
         are dropped when the rest stays invariant without them."""
         order = {name: i for i, name in enumerate(self.graph.params)}
         found: dict[frozenset[str], PassResult] = {}
-        for name, first in pending.items():
-            searched = self.joint_search(name, first)
+        for name in pending:
+            searched = self.joint_search(name)
             if searched is None:
                 continue
             members, result = searched

@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -356,7 +356,7 @@ class _Runner:
             tensors = {n: t.detach().clone().requires_grad_(True) for n, t in tensors.items()}
         state = {**tensors, **{n: b.clone() for n, b in self.buffers.items()}}
         self._reset_rng()
-        mode = _ShrunkEps(EPS_SHRINK) if strict else contextlib_null()
+        mode = _ShrunkEps(EPS_SHRINK) if strict else nullcontext()
         self.forward_passes += 1
         try:
             with torch.set_grad_enabled(grad), mode:
@@ -387,11 +387,6 @@ class _Runner:
             n: (g if g is not None else torch.zeros_like(tensors[n])).detach()
             for n, g in zip(names, grads, strict=True)
         }
-
-
-@contextmanager
-def contextlib_null() -> Iterator[None]:
-    yield
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -772,7 +767,11 @@ class _Verifier:
         influence = self.influence((p.name,), g0, f_norm, False)
         if influence < self.tol.no_effect:
             cos = cos_m = None
-        common: dict[str, Any] = {"euler_cos": cos, "euler_cos_model_eps": cos_m, "influence": influence}
+        common: dict[str, Any] = {
+            "euler_cos": cos,
+            "euler_cos_model_eps": cos_m,
+            "influence": influence,
+        }
         if p.kind is not ParamKind.SCALE_SENSITIVE:
             result = NumericResult(NumericVerdict.NOT_CHECKED, **common)
             return ParamVerification(p, result, Agreement.NOT_APPLICABLE)

@@ -61,7 +61,10 @@ def fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 def fmt_ratio(value: float | None) -> str:
-    return "–" if value is None else f"×{fmt(value, '.2f')}" if math.isfinite(value) else fmt(value)
+    """A ratio such as growth; undefined ratios (a norm that started at 0) show as a dash."""
+    if value is None or math.isnan(value):
+        return "–"
+    return f"×{fmt(value, '.2f')}" if math.isfinite(value) else fmt(value)
 
 
 def degrees(radians: float | None) -> str:

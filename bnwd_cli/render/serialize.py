@@ -14,6 +14,11 @@ import torch
 
 def to_data(value: Any) -> Any:
     """A JSON-compatible copy of `value` (dataclasses, enums, paths, tuples, tensors)."""
+    kind = type(value)  # exact types first: most values are plain numbers (a report has ~1e5)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else None
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: to_data(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr
