@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from bnwd_cli.check.rules import RULES, RULES_BY_ID, RuleSettings, Severity
 from bnwd_cli.errors import ConfigError

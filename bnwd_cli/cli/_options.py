@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 from bnwd_cli.render.output import OutputFormat
 
 
-class OptimizerChoice(str, Enum):
+class OptimizerChoice(StrEnum):
     """User-facing spelling of an optimizer family (mapped to the core's enum at the edge)."""
 
     sgd = "sgd"

@@ -5,7 +5,7 @@ file or option that cannot be used."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +16,7 @@ from bnwd_cli.cli.app import EXIT_GATE_FAILED, app
 from bnwd_cli.render.output import OutputFormat
 
 
-class DeviceChoice(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnwd supports 3.10
+class DeviceChoice(StrEnum):
     """Where the numeric check runs (mapped to the core's enum inside the command, so that
     `bnwd --help` does not import torch)."""
 
@@ -25,7 +25,7 @@ class DeviceChoice(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnwd 
     cuda = "cuda"
 
 
-class TraceChoice(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnwd supports 3.10
+class TraceChoice(StrEnum):
     auto = "auto"
     fx = "fx"
     execution = "execution"

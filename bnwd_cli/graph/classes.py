@@ -8,10 +8,10 @@ code is given, and the graph analysis (`graph.analyze`) when it is. Everything d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class ParamKind(str, Enum):
+class ParamKind(StrEnum):
     """How a parameter relates to normalization (shared/THEORY.md section 1 and 5)."""
 
     SCALE_INVARIANT = "scale-invariant"
@@ -24,7 +24,7 @@ class ParamKind(str, Enum):
     """Everything else: rescaling changes the output, so L2 decay is ordinary regularization."""
 
 
-class Granularity(str, Enum):
+class Granularity(StrEnum):
     """What may be rescaled independently without changing the output."""
 
     PER_ROW = "per-row"
@@ -39,7 +39,7 @@ class Granularity(str, Enum):
     NONE = "none"
 
 
-class ClassificationMethod(str, Enum):
+class ClassificationMethod(StrEnum):
     """Where a classification came from, so every verdict says what it rests on."""
 
     HEURISTIC = "state-dict heuristic"

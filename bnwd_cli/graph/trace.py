@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from bnwd_cli.graph.classes import ClassificationMethod
 from bnwd_cli.graph.model_file import ExampleInput, describe_user_error
 
 
-class TraceMethod(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnwd supports 3.10
+class TraceMethod(StrEnum):
     """How to get the graph: fx first with fallback, or one of them only."""
 
     AUTO = "auto"

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,13 @@ others is still far above the shrunk eps (1e-21 for the usual 1e-5), and float32
 represent it."""
 
 
-class Device(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnwd supports 3.10
+class Device(StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
 
 
-class NumericVerdict(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnwd supports 3.10
+class NumericVerdict(StrEnum):
     INVARIANT = "invariant"
     EPS_LIMITED = "invariant up to eps"
     NOT_INVARIANT = "not invariant"
@@ -73,7 +73,7 @@ class NumericVerdict(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnw
     NOT_CHECKED = "not checked"
 
 
-class Agreement(str, Enum):  # noqa: UP042 - StrEnum needs Python 3.11; bnwd supports 3.10
+class Agreement(StrEnum):
     AGREE = "agree"
     DISAGREE = "DISAGREE"
     NO_EVIDENCE = "no evidence"

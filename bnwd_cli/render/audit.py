@@ -10,13 +10,13 @@ import math
 from collections.abc import Sequence
 
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
+from bnwd_cli.groups import GroupRole, ParamGroupSummary
 from bnwd_cli.metrics.audit import AuditFinding, AuditSeverity
 from bnwd_cli.metrics.dynamics import LayerDynamics, RunDynamics
 from bnwd_cli.metrics.equilibrium import EquilibriumStatus
-from bnwd_cli.groups import GroupRole, ParamGroupSummary
+from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
 from bnwd_cli.render.serialize import dumps, to_data
 
@@ -329,10 +329,8 @@ def render_groups(
                 ]
             )
         return buffer.getvalue()
-    console = Console(
-        file=io.StringIO(), width=width or 140, color_system=None, force_terminal=False
-    )
+    console = text_console(width or 140)
     console.print(groups_table(summary))
     console.print("# in the training script:", highlight=False)
     console.print(snippet, highlight=False, markup=False, soft_wrap=True)
-    return str(console.file.getvalue())  # type: ignore[attr-defined]
+    return rendered_text(console)

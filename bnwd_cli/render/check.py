@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import xml.etree.ElementTree as ET
-from enum import Enum
+from enum import StrEnum
 
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from bnwd_cli._version import __version__
 from bnwd_cli.check import CheckReport, RuleOutcome
+from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION
 from bnwd_cli.render.serialize import dumps, to_data
 
 
-class CheckFormat(str, Enum):
+class CheckFormat(StrEnum):
     TABLE = "table"
     JSON = "json"
     MARKDOWN = "markdown"
@@ -42,7 +41,7 @@ def _verdict(report: CheckReport) -> str:
 
 
 def render_table(report: CheckReport, width: int = 120) -> str:
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console = text_console(width)
     console.print(
         f"bnwd check {report.run.run.root}: {len(report.run.checkpoints)} checkpoints, "
         f"{len(report.run.layers)} layers; config: {report.config.source}",
@@ -71,7 +70,7 @@ def render_table(report: CheckReport, width: int = 120) -> str:
             table.add_row(finding.severity.value, finding.rule, finding.message)
         console.print(table)
     console.print(_verdict(report), highlight=False)
-    return str(console.file.getvalue())  # type: ignore[attr-defined]
+    return rendered_text(console)
 
 
 def render_json(report: CheckReport) -> str:

@@ -8,7 +8,6 @@ import math
 from collections.abc import Sequence
 
 from rich import box
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -21,6 +20,7 @@ from bnwd_cli.render.audit import (
     equilibrium_markdown,
     equilibrium_table,
 )
+from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
 from bnwd_cli.render.serialize import dumps, to_data
 
@@ -89,9 +89,7 @@ def _notes(layer: LayerDynamics) -> str:
 def render_table(
     report: RunDynamics, *, per_checkpoint: bool = False, width: int | None = None
 ) -> str:
-    console = Console(
-        file=io.StringIO(), width=width or 140, color_system=None, force_terminal=False
-    )
+    console = text_console(width or 140)
     console.print(_header(report), highlight=False)
     for kind, layers in layers_by_kind(report.layers).items():
         if not layers:
@@ -105,8 +103,7 @@ def render_table(
         if extra is not None:
             console.print(extra)
             console.print()
-    out = console.file.getvalue()  # type: ignore[attr-defined]
-    return str(out)
+    return rendered_text(console)
 
 
 def _header(report: RunDynamics) -> Text:

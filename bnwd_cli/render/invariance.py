@@ -8,7 +8,6 @@ import math
 from collections.abc import Sequence
 
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from bnwd_cli._version import __version__
@@ -21,6 +20,7 @@ from bnwd_cli.graph.verify import (
     NumericVerdict,
     ParamVerification,
 )
+from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
 from bnwd_cli.render.serialize import dumps
 
@@ -121,9 +121,7 @@ def _notes(report: InvarianceReport) -> list[str]:
 
 
 def render_table(report: InvarianceReport, width: int | None = None) -> str:
-    console = Console(
-        file=io.StringIO(), width=width or 150, color_system=None, force_terminal=False
-    )
+    console = text_console(width or 150)
     for line in _header_lines(report):
         console.print(line, highlight=False, soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -166,7 +164,7 @@ def render_table(report: InvarianceReport, width: int | None = None) -> str:
     for note in _notes(report):
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(_summary(report), highlight=False, soft_wrap=True)
-    return str(console.file.getvalue())  # type: ignore[attr-defined]
+    return rendered_text(console)
 
 
 def _record(v: ParamVerification, method: str) -> dict[str, object]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from bnwd_cli.errors import UsageError
@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 """Version of every JSON document bnwd writes; bumped on any incompatible change."""
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     TABLE = "table"
     CSV = "csv"
     JSON = "json"
