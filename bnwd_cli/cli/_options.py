@@ -11,6 +11,7 @@ import typer
 from bnwd_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from bnwd_cli.metrics.dynamics import InspectOptions
     from bnwd_cli.metrics.optimizer import OptimizerFamily
 from bnwd_cli.render.output import OutputFormat
 
@@ -143,3 +144,38 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not shape or any(d <= 0 for d in shape):
         raise UsageError(f"--input-shape {text!r}: expected positive integers like 8,3,32,32")
     return shape
+
+
+def build_inspect_options(
+    *,
+    model: str | None,
+    factory: str | None,
+    input_shape: str | None,
+    lr: float | None,
+    optimizer: OptimizerChoice | None,
+    trust_pickle: bool,
+    ema: bool,
+    strict: bool,
+    layers: str | None = None,
+) -> InspectOptions:
+    """The analysis options every checkpoint command shares; with --model, the graph analysis
+    classifies the parameters instead of the state-dict heuristic."""
+    from bnwd_cli.metrics.dynamics import InspectOptions
+
+    classification = None
+    if model is not None:
+        from bnwd_cli.graph.analyze import classify_model_file
+
+        model_path, factory_name = split_model_spec(model, factory)
+        classification = classify_model_file(
+            model_path, factory=factory_name, input_shape=parse_shape(input_shape)
+        )
+    return InspectOptions(
+        layers=layers,
+        lr=lr,
+        optimizer=optimizer_family(optimizer),
+        trust_pickle=trust_pickle,
+        use_ema=ema,
+        strict=strict,
+        classification=classification,
+    )

@@ -16,10 +16,8 @@ from bnwd_cli.cli._options import (
     Optimizer,
     Output,
     TrustPickle,
-    optimizer_family,
-    parse_shape,
+    build_inspect_options,
     refuse_output_inside,
-    split_model_spec,
 )
 from bnwd_cli.cli.app import EXIT_GATE_FAILED, app
 
@@ -89,7 +87,6 @@ def check(
     """Gate a run in CI: apply the rules to its checkpoints; exit 0 pass, 1 fail, 2 bad input."""
     from bnwd_cli.check import build_config, load_table, run_check
     from bnwd_cli.errors import UsageError
-    from bnwd_cli.metrics.dynamics import InspectOptions
     from bnwd_cli.render.check import CheckFormat, render
     from bnwd_cli.render.output import emit
     from bnwd_cli.render.progress import checkpoint_progress
@@ -115,21 +112,15 @@ def check(
         include=include or (),
         exclude=exclude or (),
     )
-    classification = None
-    if model is not None:
-        from bnwd_cli.graph.analyze import classify_model_file
-
-        model_path, factory_name = split_model_spec(model, None)
-        classification = classify_model_file(
-            model_path, factory=factory_name, input_shape=parse_shape(input_shape)
-        )
-    options = InspectOptions(
+    options = build_inspect_options(
+        model=model,
+        factory=None,
+        input_shape=input_shape,
         lr=lr,
-        optimizer=optimizer_family(optimizer),
+        optimizer=optimizer,
         trust_pickle=trust_pickle,
-        use_ema=ema,
+        ema=ema,
         strict=True,
-        classification=classification,
     )
     with checkpoint_progress("checking checkpoints") as progress:
         report = run_check(ckpt_dir, settings, options, progress)

@@ -18,10 +18,8 @@ from bnwd_cli.cli._options import (
     Output,
     Strict,
     TrustPickle,
-    optimizer_family,
-    parse_shape,
+    build_inspect_options,
     refuse_output_inside,
-    split_model_spec,
 )
 from bnwd_cli.cli.app import app
 from bnwd_cli.render.output import OutputFormat
@@ -57,44 +55,31 @@ def inspect(
 ) -> None:
     """Show per layer what weight decay and the optimizer did: norms, relative steps, angular
     updates and effective learning rates over the run's checkpoints."""
-    from bnwd_cli.metrics.dynamics import InspectOptions, analyze_run
-    from bnwd_cli.render.console import stderr_console
+    from bnwd_cli.metrics.dynamics import analyze_run
+    from bnwd_cli.render.console import say_note, say_warning
     from bnwd_cli.render.dynamics import render
     from bnwd_cli.render.output import emit
     from bnwd_cli.render.progress import checkpoint_progress
 
     refuse_output_inside(output, ckpt_dir)
-    classification = None
-    if model is not None:
-        from bnwd_cli.graph.analyze import classify_model_file
-
-        model_path, factory_name = split_model_spec(model, factory)
-        classification = classify_model_file(
-            model_path, factory=factory_name, input_shape=parse_shape(input_shape)
-        )
-    options = InspectOptions(
-        layers=layers,
+    options = build_inspect_options(
+        model=model,
+        factory=factory,
+        input_shape=input_shape,
         lr=lr,
-        optimizer=optimizer_family(optimizer),
+        optimizer=optimizer,
         trust_pickle=trust_pickle,
-        use_ema=ema,
+        ema=ema,
         strict=strict,
-        classification=classification,
+        layers=layers,
     )
     with checkpoint_progress("reading checkpoints") as progress:
         report = analyze_run(ckpt_dir, options, progress)
-    from rich.markup import escape
-
-    console = stderr_console()
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        say_warning(warning)
     for note in report.notes:
-        console.print(f"[dim]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
+        say_note(note)
     if list_skipped:
         for skipped in report.run.skipped:
-            console.print(
-                escape(f"skipped {skipped.path}: {skipped.reason}"),
-                highlight=False,
-                soft_wrap=True,
-            )
+            say_note(f"skipped {skipped.path}: {skipped.reason}")
     emit(render(report, fmt, per_checkpoint=per_checkpoint), output)

@@ -15,10 +15,8 @@ from bnwd_cli.cli._options import (
     Optimizer,
     Strict,
     TrustPickle,
-    optimizer_family,
-    parse_shape,
+    build_inspect_options,
     refuse_output_inside,
-    split_model_spec,
 )
 from bnwd_cli.cli.app import app
 
@@ -112,26 +110,20 @@ def plot(
 
     from rich.markup import escape
 
-    from bnwd_cli.metrics.dynamics import InspectOptions, RunDynamics, analyze_run
-    from bnwd_cli.render.console import stderr_console
+    from bnwd_cli.metrics.dynamics import RunDynamics, analyze_run
+    from bnwd_cli.render.console import say_note, say_warning, stderr_console
     from bnwd_cli.render.plots import draw, plot_data, write_figure
     from bnwd_cli.render.progress import checkpoint_progress
 
-    classification = None
-    if model is not None:
-        from bnwd_cli.graph.analyze import classify_model_file
-
-        model_path, factory_name = split_model_spec(model, factory)
-        classification = classify_model_file(
-            model_path, factory=factory_name, input_shape=parse_shape(input_shape)
-        )
-    options = InspectOptions(
+    options = build_inspect_options(
+        model=model,
+        factory=factory,
+        input_shape=input_shape,
         lr=lr,
-        optimizer=optimizer_family(optimizer),
+        optimizer=optimizer,
         trust_pickle=trust_pickle,
-        use_ema=ema,
+        ema=ema,
         strict=strict,
-        classification=classification,
     )
     console = stderr_console()
     reports: list[RunDynamics] = []
@@ -139,11 +131,7 @@ def plot(
         with checkpoint_progress(f"reading {escape(name)}") as progress:
             report = analyze_run(ckpt_dir, options, progress)
         for warning in report.warnings:
-            console.print(
-                f"[yellow]warning:[/] {escape(name)}: {escape(warning)}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            say_warning(f"{name}: {warning}")
         reports.append(report)
     plot_options = PlotOptions(
         layers=layers, log_scale=log, sum_of_squares=sum_of_squares, title=title
@@ -152,6 +140,6 @@ def plot(
     # the same note from several runs (e.g. "classified from the state dict alone") says it once
     notes = dict.fromkeys(note for report in reports for note in report.notes)
     for note in [*notes, *data.notes]:
-        console.print(f"[dim]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
+        say_note(note)
     write_figure(draw(data), output, fmt, dpi=dpi)
     console.print(f"wrote {escape(str(output))}", highlight=False, soft_wrap=True)

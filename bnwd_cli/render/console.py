@@ -27,3 +27,16 @@ def rendered_text(console: Console) -> str:
     """What a `text_console` holds, without the padding Rich leaves at line ends."""
     assert isinstance(console.file, io.StringIO)
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
+
+
+def say_warning(text: str) -> None:
+    """One warning line on stderr (the text is shown as written, never read as markup)."""
+    from rich.markup import escape
+
+    stderr_console().print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def say_note(text: str) -> None:
+    from rich.markup import escape
+
+    stderr_console().print(f"[dim]note: {escape(text)}[/]", highlight=False, soft_wrap=True)
