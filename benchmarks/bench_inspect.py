@@ -18,12 +18,17 @@ with ResNet-50 tensor shapes (bottlenecks [3, 4, 6, 3], BN with running stats, f
 25.6M parameters, 102 MB of float32 weights per checkpoint). `--params` scales the channel widths
 for a smaller (or larger) model. The timed run (`--checkpoints`, default 20) and the memory runs
 (`--memory-checkpoints`, default 5 and 40) are folders of hard links to the first N files of `all/`,
-so the data is written once. Each contender runs as its own process; wall time is the median of
-`--repeat` runs and peak RSS comes from `wait4` (the child's `ru_maxrss`).
+so the data is written once (12 GB with the defaults; kept for the next run, `--clean` deletes
+it). Each contender runs as its own process, the three take turns, and the files are read once
+untimed before every run; wall time is the median of `--repeat` runs and peak RSS comes from
+`wait4` (the child's `ru_maxrss`). The memory runs also give the cost of each further checkpoint
+((T40 - T5) / 35), which separates throughput from the fixed start-up cost.
 
-    .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 5 minutes
+    .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 4 minutes
+    .venv/bin/python benchmarks/bench_inspect.py --optimizer adam --formats torch \\
+        --memory-checkpoints 5,20 --data /work/bench-data/adam    # Adam state (3 tensors/param)
     .venv/bin/python benchmarks/bench_inspect.py --params 2e6 --checkpoints 5 \\
-        --memory-checkpoints 3,6 --repeat 1                        # smoke test, seconds
+        --memory-checkpoints 3,6 --repeat 1 --clean                # smoke test, under a minute
 
 Exit status 1 when a target is missed (the table says which), 0 otherwise.
 """
@@ -240,9 +245,26 @@ def measure(command: list[str]) -> Measurement:
     return Measurement(seconds, usage.ru_maxrss / 1000)  # ru_maxrss is in KiB on Linux
 
 
-def median_of(command: list[str], repeat: int) -> Measurement:
-    runs = [measure(command) for _ in range(repeat)]
-    return Measurement(statistics.median(r.seconds for r in runs), max(r.peak_rss_mb for r in runs))
+def interleaved(
+    commands: dict[str, list[str]], files: list[Path], repeat: int
+) -> dict[str, Measurement]:
+    """Median wall time and largest peak RSS of each command over `repeat` rounds.
+
+    Contenders take turns (load from other processes drifts), and the files are read once,
+    untimed, before every run: this VM reclaims page cache it sees as cold (kdamond), so
+    "warm" has to be re-established each time.
+    """
+    runs: dict[str, list[Measurement]] = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, command in commands.items():
+            warm(files)
+            runs[name].append(measure(command))
+    return {
+        name: Measurement(
+            statistics.median(r.seconds for r in found), max(r.peak_rss_mb for r in found)
+        )
+        for name, found in runs.items()
+    }
 
 
 def bnwd_command(folder: Path, output: Path, extra: list[str]) -> list[str]:
@@ -317,10 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(OBVIOUS_SCRIPT)
     failures: list[str] = []
     lines: list[str] = []
+    load_before = os.getloadavg()[0]
     try:
         lines.append(
-            f"ResNet-50-shaped run, {count_params(shapes) / 1e6:.1f}M parameters, "
-            f"{args.checkpoints} checkpoints; median of {args.repeat} runs, page cache warm"
+            f"ResNet-50-shaped run ({count_params(shapes) / 1e6:.1f}M float32 parameters, "
+            f"{args.optimizer} state in the torch files), {args.checkpoints} checkpoints; "
+            f"median of {args.repeat} runs, page cache warm, {os.cpu_count()} cores"
         )
         lines.append("")
         lines.append(
@@ -330,16 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in formats:
             folder = subset(args.data, fmt, args.checkpoints)
             files = sorted(folder.iterdir())
-            total_mb = sum(f.stat().st_size for f in files) / MB
             one_mb = max(f.stat().st_size for f in files) / MB
-            warm(files)
-            raw = median_of(["cat", *map(str, files)], args.repeat)
             out_json = scratch / f"{fmt}.json"
             obvious_json = scratch / f"{fmt}-obvious.json"
-            obvious = median_of(
-                [sys.executable, str(script), str(folder), str(obvious_json)], args.repeat
+            timed = interleaved(
+                {
+                    "raw": ["cat", *map(str, files)],
+                    "obvious": [sys.executable, str(script), str(folder), str(obvious_json)],
+                    "bnwd": bnwd_command(folder, out_json, args.bnwd_arg),
+                },
+                files,
+                args.repeat,
             )
-            ours = median_of(bnwd_command(folder, out_json, args.bnwd_arg), args.repeat)
+            raw, obvious, ours = timed["raw"], timed["obvious"], timed["bnwd"]
             disagreement = check_agreement(out_json, obvious_json)
             data = f"{len(files)} x {one_mb:.0f} MB"
             for label, m in (("raw read (cat)", raw), ("obvious script", obvious), ("bnwd", ours)):
@@ -355,36 +382,57 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(
                     f"{fmt}: relative steps differ from the obvious script's by {disagreement:.1e}"
                 )
-            print(
-                f"{fmt}: {total_mb:.0f} MB read; largest relative-step disagreement with "
-                f"the float32 obvious script {disagreement:.1e}",
-                file=sys.stderr,
+            lines_note = (
+                f"{fmt}: largest relative difference of bnwd's relative steps from the (float32) "
+                f"obvious script's: {disagreement:.1e}"
             )
+            print(lines_note, file=sys.stderr)
         lines.append("")
-        lines.append("| format | checkpoints | one checkpoint MB | bnwd peak RSS MB | budget MB |")
-        lines.append("|---|---:|---:|---:|---:|")
+        lines.append(
+            "| format | checkpoints | one checkpoint MB | bnwd peak RSS MB | budget MB "
+            "| bnwd wall s | cat wall s |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        marginal: list[str] = []
         for fmt in formats:
-            peaks = []
+            runs: list[tuple[int, Measurement, Measurement]] = []
             for n in memory_counts:
                 folder = subset(args.data, fmt, n)
                 files = sorted(folder.iterdir())
                 one_mb = max(f.stat().st_size for f in files) / MB
                 warm(files)
+                raw = measure(["cat", *map(str, files)])
+                warm(files)
                 m = measure(bnwd_command(folder, scratch / "memory.json", args.bnwd_arg))
-                peaks.append(m.peak_rss_mb)
+                runs.append((n, m, raw))
                 lines.append(
-                    f"| {fmt} | {n} | {one_mb:.0f} | {m.peak_rss_mb:.0f} | {one_mb + 300:.0f} |"
+                    f"| {fmt} | {n} | {one_mb:.0f} | {m.peak_rss_mb:.0f} | {one_mb + 300:.0f} "
+                    f"| {m.seconds:.2f} | {raw.seconds:.2f} |"
                 )
                 if m.peak_rss_mb > one_mb + 300:
                     failures.append(f"{fmt}: peak RSS {m.peak_rss_mb:.0f} MB with {n} checkpoints")
-            if peaks[-1] > peaks[0] * 1.1 + 20:
+            (n0, first, raw0), (n1, last, raw1) = runs[0], runs[-1]
+            if last.peak_rss_mb > first.peak_rss_mb * 1.1 + 20:
                 failures.append(
-                    f"{fmt}: peak RSS grows with the run ({peaks[0]:.0f} -> {peaks[-1]:.0f} MB)"
+                    f"{fmt}: peak RSS grows with the run "
+                    f"({first.peak_rss_mb:.0f} -> {last.peak_rss_mb:.0f} MB)"
                 )
+            if n1 > n0:
+                ours_each = (last.seconds - first.seconds) / (n1 - n0)
+                raw_each = (raw1.seconds - raw0.seconds) / (n1 - n0)
+                marginal.append(
+                    f"{fmt}: each further checkpoint costs bnwd {1000 * ours_each:.0f} ms, "
+                    f"cat {1000 * raw_each:.0f} ms ({ours_each / raw_each:.1f}x); fixed cost "
+                    f"(start-up, imports, rendering) {first.seconds - n0 * ours_each:.2f} s"
+                )
+        lines.append("")
+        lines.extend(marginal)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if args.clean:
             shutil.rmtree(args.data, ignore_errors=True)
+    load_after = os.getloadavg()[0]
+    lines.append(f"load average before / after: {load_before:.2f} / {load_after:.2f}")
     print("\n".join(lines))
     for failure in failures:
         print(f"MISSED: {failure}")

@@ -42,7 +42,13 @@ from bnwd_cli.errors import CheckpointError, UnsafeCheckpointError
 from bnwd_cli.metrics import kernels
 from bnwd_cli.metrics.kernels import tensor_stats
 from bnwd_cli.metrics.optimizer import OptimizerFamily, ParamHyper
-from bnwd_cli.metrics.updates import ImpliedStep, NoImpliedStep, implied_step, previous_weight
+from bnwd_cli.metrics.updates import (
+    ImpliedStep,
+    NoImpliedStep,
+    implied_step,
+    plan_step,
+    previous_weight,
+)
 
 LONG = np.longdouble
 EXTENDED = np.finfo(LONG).eps < 1e-18  # x86-64: 64-bit significand
@@ -161,6 +167,75 @@ def test_cached_previous_sums_and_step_mode_agree_with_the_plain_call() -> None:
         assert other.row_angles is not None and plain.row_angles is not None
         np.testing.assert_allclose(other.row_angles.numpy(), plain.row_angles.numpy(), rtol=1e-10)
     assert stepped.previous_sum_sq == pytest.approx(float(a.double().square().sum()), rel=1e-14)
+
+
+def test_step_mode_with_a_tiny_previous_weight_stays_accurate() -> None:
+    # |a|^2 derived from b and d cancels when a is much shorter than b: those rows are redone.
+    g = torch.Generator().manual_seed(8)
+    b = torch.randn(16, 50, dtype=torch.float64, generator=g)
+    a = b.clone()
+    a[:4] *= 1e-5  # four rows nearly vanish before the step
+    a[4:] += 1e-3 * torch.randn(12, 50, dtype=torch.float64, generator=g)
+    step = b - a
+    a = b - step  # the previous weight the (rounded) step implies
+    plain = tensor_stats(b, a, per_row=True)
+    stepped = tensor_stats(b, None, per_row=True, step=step)
+    assert stepped.previous_sum_sq == pytest.approx(float((a * a).sum()), rel=1e-12)
+    assert stepped.diff_norm == pytest.approx(plain.diff_norm, rel=1e-13)
+    assert stepped.row_angles is not None and plain.row_angles is not None
+    np.testing.assert_allclose(stepped.row_angles.numpy(), plain.row_angles.numpy(), rtol=1e-9)
+
+
+def test_two_threads_give_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(512, 256, 3, 3, generator=g)
+    b = a + 1e-5 * torch.randn(a.shape, generator=g)
+    single = tensor_stats(b, a, per_row=True)
+    monkeypatch.setenv("BNWD_THREADS", "2")
+    assert b.numel() >= kernels.PARALLEL_MIN
+    double = tensor_stats(b, a, per_row=True)
+    assert double.norm == pytest.approx(single.norm, rel=1e-14)
+    assert double.diff_norm == pytest.approx(single.diff_norm, rel=1e-14)
+    assert double.row_angles is not None and single.row_angles is not None
+    np.testing.assert_array_equal(double.row_angles.numpy(), single.row_angles.numpy())
+
+
+@pytest.mark.parametrize("family", [OptimizerFamily.SGD_MOMENTUM, OptimizerFamily.ADAMW])
+def test_one_sweep_for_both_steps_equals_two(family: OptimizerFamily) -> None:
+    # The streaming pass measures the checkpoint-to-checkpoint step and the optimizer's last
+    # step in one read of the weight; the figures must not depend on it.
+    g = torch.Generator().manual_seed(23)
+    w = torch.randn(128, 64, 3, 3, generator=g) * 0.05
+    before = w + 1e-3 * torch.randn(w.shape, generator=g)
+    if family.is_sgd:
+        state: dict[str, object] = {"momentum_buffer": torch.randn(w.shape, generator=g) * 1e-3}
+    else:
+        state = {
+            "step": torch.tensor(40.0),
+            "exp_avg": torch.randn(w.shape, generator=g) * 1e-3,
+            "exp_avg_sq": torch.rand(w.shape, generator=g) * 1e-6,
+        }
+    plan = plan_step(w, state, hyper(family), family, per_row=True)
+    assert plan is not None
+    both = tensor_stats(w, before, per_row=True, with_step=plan.fill)
+    alone = tensor_stats(w, before, per_row=True)
+    step_alone = tensor_stats(w, None, per_row=True, step=plan.fill)
+    assert both.step_stats is not None
+    for got, expected in ((both, alone), (both.step_stats, step_alone)):
+        assert got.diff_norm == pytest.approx(expected.diff_norm, rel=1e-14)
+        assert got.angle == pytest.approx(expected.angle, rel=1e-12)
+        assert got.row_angles is not None and expected.row_angles is not None
+        np.testing.assert_allclose(got.row_angles.numpy(), expected.row_angles.numpy(), rtol=1e-12)
+    first = tensor_stats(w, None, per_row=True, with_step=plan.fill)  # no previous checkpoint
+    assert first.diff_norm is None and first.step_stats is not None
+    assert first.step_stats.diff_norm == pytest.approx(step_alone.diff_norm, rel=1e-14)
+    implied = implied_step(w, state, hyper(family), family, per_row=True)
+    reused = implied_step(
+        w, state, hyper(family), family, per_row=True, plan=plan, measured=both.step_stats
+    )
+    assert isinstance(implied, ImpliedStep) and isinstance(reused, ImpliedStep)
+    assert reused.relative_update == pytest.approx(implied.relative_update, rel=1e-13)
+    assert reused.angular_update == pytest.approx(implied.angular_update, rel=1e-12)
 
 
 def test_radial_steps_take_the_explicit_path_and_stay_accurate() -> None:

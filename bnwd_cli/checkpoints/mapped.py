@@ -79,6 +79,8 @@ class MappedFile:
     def __init__(self, path: Path) -> None:
         if sys.byteorder != "little":
             raise NotMappableError("big-endian host")
+        if not hasattr(os, "pread"):
+            raise NotMappableError("no os.pread on this platform")
         self.path = path
         # Kept open while the header is parsed: small reads go through pread, not through the
         # map (a page fault per scattered zip header costs more than a system call).
@@ -132,7 +134,11 @@ def release_pages(*tensors: torch.Tensor | None) -> None:
     Only tensors that view a live `MappedFile` are affected (others are left alone); their data
     stays valid and is faulted back in from the page cache when next read. Pages at the edges
     may be shared with neighbouring tensors of the same file; those refault just the same.
+    Not for tensors modified in place: the map is private, and written pages would be dropped
+    with their changes (nothing in bnwd writes to checkpoint tensors).
     """
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
     with _LIVE_LOCK:
         live = [(base, ref(), size) for base, (ref, size) in _LIVE.items()]
     for tensor in tensors:

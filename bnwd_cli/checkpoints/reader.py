@@ -1,8 +1,9 @@
 """Opening one logical checkpoint (a file, or a folder of shards) for lazy tensor reads.
 
-Nothing here reads a whole checkpoint into memory: torch zip files are memory-mapped
-(`torch.load(mmap=True)`), safetensors are opened with `safe_open`, and a tensor's bytes are
-only touched when `get` is called for it.
+Nothing here reads a whole checkpoint into memory: files are memory-mapped and a tensor's
+bytes are only touched when an operation reads the tensor `get` returns. Torch zip files and
+safetensors go through `checkpoints.mapped` (zero-copy views, a fast restricted unpickler); what
+that path does not take falls back to `torch.load(mmap=True)` and `safe_open`.
 """
 
 from __future__ import annotations

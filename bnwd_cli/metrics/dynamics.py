@@ -42,7 +42,7 @@ from bnwd_cli.metrics.equilibrium import (
     assess_equilibrium,
     predict_equilibrium,
 )
-from bnwd_cli.metrics.kernels import tensor_stats
+from bnwd_cli.metrics.kernels import TensorStats, tensor_stats
 from bnwd_cli.metrics.optimizer import (
     LayoutHint,
     NameMapping,
@@ -52,7 +52,7 @@ from bnwd_cli.metrics.optimizer import (
     param_state,
     read_optimizer_state,
 )
-from bnwd_cli.metrics.updates import ImpliedStep, implied_step
+from bnwd_cli.metrics.updates import ImpliedStep, StepPlan, implied_step, plan_step
 
 Progress = Callable[[int, int, str], None]
 
@@ -439,11 +439,16 @@ class _LayerAccumulator:
                 f"{self.verdict.shape} before: the architecture changed between checkpoints",
             )
         before = previous.weights.get(name) if previous is not None and self.points else None
+        hyper = snapshot.per_param.get(name) if snapshot is not None else None
+        plan = self._plan(tensor, current, snapshot, hyper, family, options)
+        # One sweep over `tensor` measures both the step since the previous checkpoint and the
+        # last optimizer step its state implies (`plan`).
         stats = tensor_stats(
             tensor,
             before,
             per_row=self.per_row,
             previous_row_sq=self.last_row_sq if before is not None else None,
+            with_step=plan.fill if plan is not None else None,
         )
         self.last_row_sq = stats.row_sq
         if stats.nonfinite:
@@ -452,7 +457,6 @@ class _LayerAccumulator:
         unit = _unit_norm(stats.norm, stats.row_norms, rows)
         if self.first_unit is None:
             self.first_unit = unit
-        hyper = snapshot.per_param.get(name) if snapshot is not None else None
         lr = options.lr if options.lr is not None else (hyper.lr if hyper is not None else None)
         adaptive = family is not None and family.is_adaptive
         power = 1 if adaptive else 2
@@ -475,9 +479,12 @@ class _LayerAccumulator:
                 angle = float(finite.square().mean().sqrt()) if finite.numel() else None
             else:
                 angle = stats.angle
-        implied = self._implied(tensor, current, snapshot, hyper, family, options)
-        # Done with this tensor's bytes for now: hand their pages back, so that resident memory
-        # stays near one tensor, not two checkpoints (the page cache keeps them for next time).
+        implied = self._implied(
+            tensor, current, snapshot, hyper, family, options, plan, stats.step_stats
+        )
+        # Done with these bytes for now: hand their pages back, so that resident memory stays
+        # near one tensor whatever the checkpoint size (the page cache keeps them; reading the
+        # current tensor again as `before` next time faults it back in, ~10% of the pass).
         release_pages(tensor, before)
         predicted = None
         if invariant and hyper is not None:
@@ -528,6 +535,30 @@ class _LayerAccumulator:
         )
         self.previous_step = ref.step
 
+    def _plan(
+        self,
+        tensor: torch.Tensor,
+        current: OpenCheckpoint,
+        snapshot: OptimizerSnapshot | None,
+        hyper: ParamHyper | None,
+        family: OptimizerFamily | None,
+        options: InspectOptions,
+    ) -> StepPlan | None:
+        """How to compute the implied last step block by block, where `plan_step` can."""
+        state = current.optimizer_state
+        if snapshot is None or hyper is None or state is None or hyper.optimizer_id is None:
+            return None
+        per_param = param_state(state, hyper.optimizer_id)
+        if options.lr is not None:
+            hyper = replace(hyper, lr=options.lr)
+        return plan_step(
+            tensor,
+            per_param,
+            hyper,
+            family or snapshot.family,
+            per_row=self.per_row,
+        )
+
     def _implied(
         self,
         tensor: torch.Tensor,
@@ -536,6 +567,8 @@ class _LayerAccumulator:
         hyper: ParamHyper | None,
         family: OptimizerFamily | None,
         options: InspectOptions,
+        plan: StepPlan | None = None,
+        measured: TensorStats | None = None,
     ) -> ImpliedStep | None:
         """The last optimizer step this checkpoint's state implies (THEORY.md section 4)."""
         state = current.optimizer_state
@@ -550,6 +583,8 @@ class _LayerAccumulator:
             hyper,
             family or snapshot.family,
             per_row=self.per_row,
+            plan=plan,
+            measured=measured,
         )
         if per_param is not None:
             release_pages(*(v for v in per_param.values() if isinstance(v, torch.Tensor)))

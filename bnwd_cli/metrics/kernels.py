@@ -10,12 +10,15 @@ step is mostly a change of norm: the chord form `(|a-b|^2 - (|a|-|b|)^2) / (|a||
 there (a pure rescaling came out rotated, a vector flipped onto a tiny one not at all).
 
 How it runs (the streaming pass spends its time here; see benchmarks/bench_inspect.py):
-per row, four float64 sums are accumulated in one sweep over the pair, `|b|^2`, `|a|^2`, `|d|^2`
-and `<d,a>` (b current, a previous, d = b - a), in cache-sized blocks: a block of each input is
-cast to float64 (exact for float32/16 and bfloat16), `d` is subtracted in float64 (exact unless
-the exponents of a and b differ by more than 29), and numpy's `einsum` multiplies (exactly: a
-product of two float32 values fits a float64) and accumulates in float64. No float64 copy of a
-whole tensor is made, and large tensors are split over two threads (numpy releases the GIL).
+per row, four float64 sums are accumulated in one sweep over the pair, `|b|^2`, `|a|^2` (or
+taken from the previous call), `|d|^2` and `<d,a>` (b current, a previous, d = b - a), in
+cache-sized blocks: a block of each input is cast to float64 (exact for float32/16 and
+bfloat16), `d` is subtracted in float64 (exact unless the exponents of a and b differ by more
+than 29), and a BLAS dot per row (`numpy.vecdot`) multiplies (exactly: a product of two float32
+values fits a float64) and accumulates in float64. No float64 copy of a whole tensor is made.
+When the caller knows the step d directly (an optimizer's update), a is never formed: the sweep
+takes `<d,b>`, then `|a|^2 = |b|^2 - 2<d,b> + |d|^2` and `<d,a> = <d,b> - |d|^2`, which only
+cancel when a is much shorter than b (`PREV_TINY`; such rows are recomputed explicitly).
 The figures then follow from the sums: `along = (|a|^2 + <d,a>) / |a|`,
 `across^2 = |d|^2 - <d,a>^2 / |a|^2`. Error bound: with `g` the relative error of a float64 sum of
 exact products (below 1e-11 even for 65536-term blocks summed naively, about 1e-14 in practice),
@@ -32,7 +35,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,6 +59,8 @@ class TensorStats:
     checkpoint: it saves one of the five sweeps over the pair."""
     previous_sum_sq: float | None = None
     """|previous|^2 (with a `step`, the previous tensor is never formed: this is its norm)."""
+    step_stats: TensorStats | None = None
+    """The figures for `with_step` (see `tensor_stats`)."""
 
 
 StepBlocks = Callable[[int, int, int, int, np.ndarray, np.ndarray, np.ndarray], None]
@@ -96,6 +101,7 @@ def tensor_stats(
     per_row: bool,
     previous_row_sq: torch.Tensor | None = None,
     step: torch.Tensor | StepBlocks | None = None,
+    with_step: StepBlocks | None = None,
 ) -> TensorStats:
     """Norms of `current`; with `previous`, also the step and the angle between them.
 
@@ -104,23 +110,28 @@ def tensor_stats(
     state, where forming `previous` first and subtracting again would lose a small step to
     rounding), a tensor or a `StepBlocks`; given instead of `previous`, which is then
     `current - step`.
+    `with_step`: a second, known step of `current` (the optimizer's last one), measured in the
+    same sweep over `current` (one read of it instead of two); its figures, as
+    `tensor_stats(current, None, step=with_step)` gives them, are in `step_stats`.
     """
     if step is not None:
-        if previous is not None:
-            raise ValueError("give previous or step, not both")
+        if previous is not None or with_step is not None:
+            raise ValueError("give previous or step, and with_step only with previous")
         if isinstance(step, torch.Tensor) and tuple(step.shape) != tuple(current.shape):
             raise ValueError(f"step shape {tuple(step.shape)} != {tuple(current.shape)}")
     elif previous is not None and tuple(previous.shape) != tuple(current.shape):
         raise ValueError(f"shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}")
     tensors = [t for t in (current, previous, step) if isinstance(t, torch.Tensor)]
     if not all(_fast_dtype(t) for t in tensors):
-        if callable(step) and not isinstance(step, torch.Tensor):
-            step = _materialize(as_rows(current.detach(), per_row), step).reshape(current.shape)
-        return _tensor_stats_reference(current, previous, step, per_row=per_row)
+        return _tensor_stats_slow(current, previous, step, with_step, per_row=per_row)
     cur = as_rows(current.detach(), per_row)
     rows = cur.shape[0]
     if previous is None and step is None:
-        return _stats_from_sums(cur, None, None, _row_sums(cur, None, None, need_prev_sq=False))
+        if with_step is None:
+            return _stats_from_sums(cur, None, None, _row_sums(cur, None, None, need_prev_sq=False))
+        sums = _row_sums(cur, None, with_step, need_prev_sq=False)[:4]
+        norms = _stats_from_sums(cur, None, None, sums)
+        return replace(norms, step_stats=_stats_from_sums(cur, None, with_step, sums))
     prev = as_rows(previous.detach(), per_row) if previous is not None else None
     diff: torch.Tensor | StepBlocks | None = step
     if isinstance(step, torch.Tensor):
@@ -128,21 +139,52 @@ def tensor_stats(
     known_prev_sq = None
     if prev is not None and previous_row_sq is not None and previous_row_sq.numel() == rows:
         known_prev_sq = previous_row_sq.detach().cpu().to(torch.float64).reshape(-1).numpy()
-    sums = _row_sums(cur, prev, diff, need_prev_sq=known_prev_sq is None)
+    total = _row_sums(cur, prev, diff, need_prev_sq=known_prev_sq is None, extra=with_step)
     if known_prev_sq is not None:
-        sums[_AA] = known_prev_sq
-    return _stats_from_sums(cur, prev, diff, sums)
+        total[_AA] = known_prev_sq
+    stats = _stats_from_sums(cur, prev, diff, total[:4])
+    if with_step is None:
+        return stats
+    step_sums = _derive_previous(total, _EE, _EB)
+    return replace(stats, step_stats=_stats_from_sums(cur, None, with_step, step_sums))
+
+
+def _tensor_stats_slow(
+    current: torch.Tensor,
+    previous: torch.Tensor | None,
+    step: torch.Tensor | StepBlocks | None,
+    with_step: StepBlocks | None,
+    *,
+    per_row: bool,
+) -> TensorStats:
+    """Devices and dtypes the fast path does not take: whole float64 copies."""
+
+    def materialized(fill: StepBlocks) -> torch.Tensor:
+        return _materialize(as_rows(current.detach(), per_row), fill).reshape(current.shape)
+
+    if step is not None and not isinstance(step, torch.Tensor):
+        step = materialized(step)
+    stats = _tensor_stats_reference(current, previous, step, per_row=per_row)
+    if with_step is None:
+        return stats
+    extra = _tensor_stats_reference(current, None, materialized(with_step), per_row=per_row)
+    return replace(stats, step_stats=extra)
 
 
 # ----------------------------------------------------------------------------- fast path
 
-_BB, _AA, _DD, _DA = 0, 1, 2, 3
+_BB, _AA, _DD, _DA, _EE, _EB = 0, 1, 2, 3, 4, 5
+_SUMS = 6
 CHUNK = 1 << 15
-"""Elements per block: the float64 blocks of one worker (1 MiB) stay in its core's L2 cache."""
+"""Elements per block: one thread's float64 blocks (about 1 MiB) stay in its core's L2 cache.
+Measured: 2^16 is no faster, 2^17 slower; smaller blocks pay more per-call overhead."""
 PARALLEL_MIN = 1 << 18
-"""Tensors at least this large are split over the worker threads."""
+"""Tensors at least this large are split over the worker threads (BNWD_THREADS > 1)."""
 TAU = 1.0 / 16.0
 """Rows with across^2 < TAU |d|^2 (a step almost along the weight) take the explicit path."""
+PREV_TINY = 1e-6
+"""With a given step, rows where |a|^2 < PREV_TINY |b|^2 recompute their sums explicitly (the
+derived |a|^2 is then accurate to about 4e-16 / PREV_TINY)."""
 SPLIT = 4096
 """A long row is dotted in pieces of this length: BLAS may start threads of its own for one
 long dot product, which fights the worker threads."""
@@ -150,15 +192,21 @@ long dot product, which fights the worker threads."""
 _NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16)
 _CASTABLE = (*_NUMPY_DTYPES, torch.bfloat16)
 
-_Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _local = threading.local()
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
 def _workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, cores or 1))
+    """Threads sharing one large tensor: BNWD_THREADS, default 1.
+
+    Measured on 2 cores (benchmarks/bench_inspect.py): a second thread made the sweep slower,
+    not faster; each block is a handful of short numpy calls, and two threads spend the gain
+    handing the GIL back and forth. Larger blocks cut the hand-offs but fall out of the cache.
+    """
+    setting = os.environ.get("BNWD_THREADS", "")
+    return int(setting) if setting.isdigit() and int(setting) > 0 else 1
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -174,27 +222,14 @@ def _fast_dtype(t: torch.Tensor) -> bool:
 
 
 def _blocks() -> _Blocks:
-    """This thread's float64 scratch blocks (b, a, d, spare) and a row-sum vector."""
+    """This thread's float64 scratch blocks (b, a, d, e, spare) and room for partial sums."""
     blocks: _Blocks | None = getattr(_local, "blocks", None)
     if blocks is None or blocks[0].size != CHUNK:
-        blocks = (
-            np.empty(CHUNK),
-            np.empty(CHUNK),
-            np.empty(CHUNK),
-            np.empty(CHUNK),
-            np.empty(CHUNK),
-        )
-        _local.blocks = blocks
+        e = np.empty
+        fresh = (e(CHUNK), e(CHUNK), e(CHUNK), e(CHUNK), e(CHUNK), e(_SUMS))
+        _local.blocks = fresh
+        return fresh
     return blocks
-
-
-def cast_into(out: np.ndarray, src: torch.Tensor) -> None:
-    """Copy the CPU tensor `src` into the float64 array `out`, exactly (float32/16, bfloat16 and
-    float64 values are all float64 values)."""
-    if src.dtype in _NUMPY_DTYPES:
-        np.copyto(out, src.numpy(), casting="safe")
-    else:
-        torch.from_numpy(out).copy_(src)
 
 
 _Item = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
@@ -216,15 +251,24 @@ def _row_dot(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
         total = _dot_rows(x[0, :head].reshape(pieces, SPLIT), y[0, :head].reshape(pieces, SPLIT))
         out[0] = total.sum() + _dot_rows(x[:, head:], y[:, head:])[0]
     else:
-        out[:] = _dot_rows(x, y)
+        _dot_rows_into(x, y, out)
 
 
 def _einsum_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, y)
 
 
+def _einsum_rows_into(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    np.einsum("ij,ij->i", x, y, out=out)
+
+
+def _vecdot_rows_into(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    np.vecdot(x, y, out=out)
+
+
 # numpy >= 2: a BLAS dot per row, about 40% faster than einsum's loop.
 _dot_rows: Callable[[np.ndarray, np.ndarray], np.ndarray] = getattr(np, "vecdot", _einsum_rows)
+_dot_rows_into = _vecdot_rows_into if hasattr(np, "vecdot") else _einsum_rows_into
 
 
 def _sweep(
@@ -234,44 +278,85 @@ def _sweep(
     d: torch.Tensor | StepBlocks | None,
     rows: int,
     need_prev_sq: bool,
+    extra: StepBlocks | None = None,
 ) -> np.ndarray:
-    """Row sums over `items` (one thread's share): |b|^2, |a|^2, |d|^2, <d,a>."""
-    out = np.zeros((4, rows))
-    buf_b, buf_a, buf_d, spare, tmp = _blocks()
-    pair = a is not None or d is not None
+    """Row sums over `items` (one thread's share): |b|^2, |a|^2, |d|^2, <d,a> (with a given
+    step d: <d,b> in place of <d,a>) and, for an `extra` step e, |e|^2 and <e,b>."""
+    out = np.zeros((_SUMS, rows))
+    buf_b, buf_a, buf_d, buf_e, spare, tmp = _blocks()
+    src_b, src_a = block_source(b), (block_source(a) if a is not None else None)
+    src_d = block_source(d) if isinstance(d, torch.Tensor) else None
+    fill = d if d is not None and not isinstance(d, torch.Tensor) else None
+    cols = b.shape[1]
     with np.errstate(all="ignore"):  # NaN/Inf in a checkpoint are counted, not warned about
         for r0, r1, c0, c1 in items:
             m, width = r1 - r0, c1 - c0
             n = m * width
             if n == 0:
                 continue
+            whole_rows = width == cols
+            sums = out[:, r0:r1] if whole_rows else tmp[: _SUMS * m].reshape(_SUMS, m)
+            if not whole_rows:
+                sums[:] = 0.0
             blk_b = buf_b[:n].reshape(m, width)
-            cast_into(blk_b, b[r0:r1, c0:c1])
-            part = tmp[:m]
-            _row_dot(blk_b, blk_b, part)
-            out[_BB, r0:r1] += part
-            if not pair:
-                continue
-            blk_a = buf_a[:n].reshape(m, width)
+            cast_block(blk_b, src_b, r0, r1, c0, c1)
+            _row_dot(blk_b, blk_b, sums[_BB])
             blk_d = buf_d[:n].reshape(m, width)
-            if a is not None:
-                cast_into(blk_a, a[r0:r1, c0:c1])
+            if src_a is not None:
+                blk_a = buf_a[:n].reshape(m, width)
+                cast_block(blk_a, src_a, r0, r1, c0, c1)
                 np.subtract(blk_b, blk_a, out=blk_d)
-            else:
-                if isinstance(d, torch.Tensor):
-                    cast_into(blk_d, d[r0:r1, c0:c1])
+                if need_prev_sq:
+                    _row_dot(blk_a, blk_a, sums[_AA])
+                _row_dot(blk_d, blk_d, sums[_DD])
+                _row_dot(blk_d, blk_a, sums[_DA])
+            elif d is not None:
+                if src_d is not None:
+                    cast_block(blk_d, src_d, r0, r1, c0, c1)
                 else:
-                    assert d is not None
-                    d(r0, r1, c0, c1, blk_b, blk_d, spare[:n].reshape(m, width))
-                np.subtract(blk_b, blk_d, out=blk_a)
-            if need_prev_sq:
-                _row_dot(blk_a, blk_a, part)
-                out[_AA, r0:r1] += part
-            _row_dot(blk_d, blk_d, part)
-            out[_DD, r0:r1] += part
-            _row_dot(blk_d, blk_a, part)
-            out[_DA, r0:r1] += part
+                    assert fill is not None
+                    fill(r0, r1, c0, c1, blk_b, blk_d, spare[:n].reshape(m, width))
+                # a = b - d is never formed: <d,b> here, |a|^2 and <d,a> after the sweep
+                _row_dot(blk_d, blk_d, sums[_DD])
+                _row_dot(blk_d, blk_b, sums[_DA])
+            if extra is not None:
+                blk_e = buf_e[:n].reshape(m, width)
+                extra(r0, r1, c0, c1, blk_b, blk_e, spare[:n].reshape(m, width))
+                _row_dot(blk_e, blk_e, sums[_EE])
+                _row_dot(blk_e, blk_b, sums[_EB])
+            if not whole_rows:  # a piece of a long row: add up
+                out[:, r0:r1] += sums
     return out
+
+
+def _derive_previous(total: np.ndarray, dd: int, db: int) -> np.ndarray:
+    """The four sums for (b, a = b - d) from |b|^2, |d|^2 and <d,b> (rows `dd`, `db`):
+    |a|^2 = |b|^2 - 2<d,b> + |d|^2 and <d,a> = <d,b> - |d|^2. They cancel only when a is much
+    shorter than b; `_derived_prev_inexact` finds those rows."""
+    sums = np.empty((4, total.shape[1]))
+    sums[_BB] = total[_BB]
+    sums[_AA] = total[_BB] - 2.0 * total[db] + total[dd]
+    sums[_DD] = total[dd]
+    sums[_DA] = total[db] - total[dd]
+    return sums
+
+
+_Source = np.ndarray | torch.Tensor
+
+
+def block_source(t: torch.Tensor) -> _Source:
+    """What `cast_block` reads from: a numpy view of a CPU tensor where numpy has its dtype
+    (slicing that is cheaper than slicing the tensor), else the tensor."""
+    return t.numpy() if t.dtype in _NUMPY_DTYPES else t
+
+
+def cast_block(out: np.ndarray, src: _Source, r0: int, r1: int, c0: int, c1: int) -> None:
+    """Copy rows [r0, r1), columns [c0, c1) of a `block_source` into the float64 block `out`,
+    exactly (float32/16, bfloat16 and float64 values are all float64 values)."""
+    if isinstance(src, np.ndarray):
+        np.copyto(out, src[r0:r1, c0:c1], casting="safe")
+    else:
+        torch.from_numpy(out).copy_(src[r0:r1, c0:c1])
 
 
 def _row_sums(
@@ -280,20 +365,25 @@ def _row_sums(
     d: torch.Tensor | StepBlocks | None,
     *,
     need_prev_sq: bool,
+    extra: StepBlocks | None = None,
 ) -> np.ndarray:
+    """Rows: |b|^2, |a|^2, |d|^2, <d,a> (a = b - d with a given step) and, with `extra`,
+    |e|^2, <e,b> (see `_derive_previous`)."""
     rows, cols = b.shape
     items = _items(rows, cols)
     workers = _workers()
+    args = (b, a, d, rows, need_prev_sq, extra)
     if b.numel() < PARALLEL_MIN or workers == 1 or len(items) < 2:
-        return _sweep(items, b, a, d, rows, need_prev_sq)
-    share = -(-len(items) // workers)
-    shares = [items[i : i + share] for i in range(0, len(items), share)]
-    futures = [
-        _executor().submit(_sweep, chunk, b, a, d, rows, need_prev_sq) for chunk in shares[1:]
-    ]
-    total = _sweep(shares[0], b, a, d, rows, need_prev_sq)  # the calling thread takes a share
-    for future in futures:
-        total += future.result()
+        total = _sweep(items, *args)
+    else:
+        share = -(-len(items) // workers)
+        shares = [items[i : i + share] for i in range(0, len(items), share)]
+        futures = [_executor().submit(_sweep, chunk, *args) for chunk in shares[1:]]
+        total = _sweep(shares[0], *args)  # the caller takes a share
+        for future in futures:
+            total += future.result()
+    if a is None and d is not None:
+        total[:4] = _derive_previous(total, _DD, _DA)
     return total
 
 
@@ -303,7 +393,7 @@ def _materialize(cur: torch.Tensor, fill: StepBlocks) -> torch.Tensor:
     full = np.empty((rows, cols))
     spare = np.empty((rows, cols))
     current = np.empty((rows, cols))
-    cast_into(current, cur)
+    cast_block(current, block_source(cur), 0, rows, 0, cols)
     with np.errstate(all="ignore"):
         for r0, r1, c0, c1 in _items(rows, cols):
             fill(
@@ -329,9 +419,15 @@ def _stats_from_sums(
     row_norms = torch.from_numpy(np.sqrt(row_sq)) if rows > 1 else None
     if prev is None and step is None:
         return TensorStats(norm, sum_sq, nonfinite, row_norms, row_sq=torch.from_numpy(row_sq))
+    previous_rows: torch.Tensor | None = None
+    if prev is None:
+        inexact = _derived_prev_inexact(sums)
+        if inexact.any():
+            previous_rows = _previous_rows(cur, prev, step)
+            index = torch.from_numpy(np.flatnonzero(inexact))
+            sums[:, inexact] = _explicit_sums(cur[index], previous_rows[index])
     whole = sums.sum(axis=1, keepdims=True)
     angle = float(_angles(whole)[0])
-    previous_rows: torch.Tensor | None = None
     if _needs_explicit(whole)[0]:
         previous_rows = _previous_rows(cur, prev, step)
         angle = float(_explicit_angles(cur.reshape(1, -1), previous_rows.reshape(1, -1))[0])
@@ -388,6 +484,22 @@ def _needs_explicit(sums: np.ndarray) -> np.ndarray:
         across_sq = dd - da * da / aa
         defined = (aa > 0) & (bb > 0) & np.isfinite(across_sq) & np.isfinite(bb)
         return defined & ((dd > bb) | (across_sq < TAU * dd))
+
+
+def _derived_prev_inexact(sums: np.ndarray) -> np.ndarray:
+    """Rows where |a|^2 derived from b and d may have cancelled: a much shorter than b (or
+    not positive at all, which an exact |a|^2 never is unless a = 0)."""
+    bb, aa = sums[_BB], sums[_AA]
+    with np.errstate(all="ignore"):
+        return np.isfinite(bb) & (bb > 0) & ~(aa >= PREV_TINY * bb)
+
+
+def _explicit_sums(cur_rows: torch.Tensor, prev_rows: torch.Tensor) -> np.ndarray:
+    """The four row sums from whole float64 rows (the few rows that need it)."""
+    b = cur_rows.to(torch.float64)
+    a = prev_rows.to(torch.float64)
+    d = b - a
+    return torch.stack([(b * b).sum(1), (a * a).sum(1), (d * d).sum(1), (d * a).sum(1)]).numpy()
 
 
 def _explicit_angles(cur_rows: torch.Tensor, prev_rows: torch.Tensor) -> np.ndarray:

@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnwd_cli.metrics.kernels import StepBlocks, as_rows, cast_into, tensor_stats
+from bnwd_cli.metrics.kernels import (
+    StepBlocks,
+    TensorStats,
+    as_rows,
+    block_source,
+    cast_block,
+    tensor_stats,
+)
 from bnwd_cli.metrics.optimizer import OptimizerFamily, ParamHyper
 
 
@@ -180,14 +187,25 @@ def _state_rows(
     return as_rows(value.detach(), per_row)
 
 
-def _step_blocks(
+@dataclass(frozen=True)
+class StepPlan:
+    """How to compute the last step block by block (see `plan_step`)."""
+
+    fill: StepBlocks
+    """Writes `w_t - w_{t-1}` for a block of the weight (`kernels.StepBlocks`)."""
+    exact: bool
+    approximation: str | None
+    optimizer_step: int | None
+
+
+def plan_step(
     weight: torch.Tensor,
     per_param: Mapping[str, Any] | None,
     hyper: ParamHyper,
     family: OptimizerFamily,
     *,
     per_row: bool,
-) -> tuple[StepBlocks, bool, str | None, int | None] | None:
+) -> StepPlan | None:
     """`w_t - w_{t-1}` block by block, for the cases `previous_weight` handles exactly
     (heavy-ball SGD, the Adam family), with the same exactness, notes and step count.
 
@@ -203,26 +221,28 @@ def _step_blocks(
         return None
     notes = ["an LR scheduler ran: the stored lr may be the next step's"] if hyper.scheduled else []
     if family.is_sgd and not hyper.nesterov:
-        buf = _state_rows(per_param, "momentum_buffer", weight, per_row)
-        if buf is None:
+        buf_rows = _state_rows(per_param, "momentum_buffer", weight, per_row)
+        if buf_rows is None:
             return None
+        buf = block_source(buf_rows)
 
         def sgd_step(
             r0: int, r1: int, c0: int, c1: int, _w: np.ndarray, out: np.ndarray, _s: np.ndarray
         ) -> None:
-            cast_into(out, buf[r0:r1, c0:c1])  # w_t = w_{t-1} - lr buf
+            cast_block(out, buf, r0, r1, c0, c1)  # w_t = w_{t-1} - lr buf
             out *= -lr
 
-        return sgd_step, not notes, "; ".join(notes) or None, None
+        return StepPlan(sgd_step, not notes, "; ".join(notes) or None, None)
     if not family.is_adam:
         return None
-    exp_avg = _state_rows(per_param, "exp_avg", weight, per_row)
-    second = _state_rows(
+    exp_avg_rows = _state_rows(per_param, "exp_avg", weight, per_row)
+    second_rows = _state_rows(
         per_param, "max_exp_avg_sq" if hyper.amsgrad else "exp_avg_sq", weight, per_row
     )
     count = _scalar(per_param.get("step"))
-    if exp_avg is None or second is None or count is None or count < 1:
+    if exp_avg_rows is None or second_rows is None or count is None or count < 1:
         return None
+    exp_avg, second = block_source(exp_avg_rows), block_source(second_rows)
     beta1, beta2 = hyper.betas or (0.9, 0.999)
     eps = hyper.eps if hyper.eps is not None else 1e-8
     correction1 = 1.0 - beta1**count
@@ -246,8 +266,8 @@ def _step_blocks(
         r0: int, r1: int, c0: int, c1: int, w: np.ndarray, out: np.ndarray, scratch: np.ndarray
     ) -> None:
         # u = (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps), as torch.optim.Adam
-        cast_into(out, exp_avg[r0:r1, c0:c1])
-        cast_into(scratch, second[r0:r1, c0:c1])
+        cast_block(out, exp_avg, r0, r1, c0, c1)
+        cast_block(scratch, second, r0, r1, c0, c1)
         np.sqrt(scratch, out=scratch)
         scratch /= root_correction2
         scratch += eps
@@ -257,7 +277,7 @@ def _step_blocks(
             out += decay * w
         out *= scale
 
-    return adam_step, exact, "; ".join(notes) or None, round(count)
+    return StepPlan(adam_step, exact, "; ".join(notes) or None, round(count))
 
 
 def implied_step(
@@ -267,12 +287,22 @@ def implied_step(
     family: OptimizerFamily,
     *,
     per_row: bool = False,
+    plan: StepPlan | None = None,
+    measured: TensorStats | None = None,
 ) -> ImpliedStep | NoImpliedStep:
-    """The per-step relative and angular update the state implies for `weight`."""
-    blocks = _step_blocks(weight, per_param, hyper, family, per_row=per_row)
-    if blocks is not None:
-        fill, exact, approximation, step = blocks
-        stats = tensor_stats(weight, None, per_row=per_row, step=fill)
+    """The per-step relative and angular update the state implies for `weight`.
+
+    `plan`, `measured`: the `plan_step` for these arguments and the `step_stats` of a
+    `tensor_stats(weight, ..., with_step=plan.fill)` that already swept the weight (the
+    streaming pass measures both steps in one read of it).
+    """
+    if plan is None:
+        plan = plan_step(weight, per_param, hyper, family, per_row=per_row)
+    if plan is not None:
+        if measured is None:
+            measured = tensor_stats(weight, None, per_row=per_row, step=plan.fill)
+        stats = measured
+        exact, approximation, step = plan.exact, plan.approximation, plan.optimizer_step
         previous_norm = math.sqrt(stats.previous_sum_sq or 0.0)
     else:
         before = previous_weight(weight, per_param, hyper, family, per_row=per_row)
