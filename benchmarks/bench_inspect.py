@@ -299,7 +299,12 @@ def check_agreement(bnwd_json: Path, obvious_json: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/bench-data"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / ".bench",
+        help="where the synthetic runs are written (default: .bench/ in the repository, git-ignored)",
+    )
     parser.add_argument("--params", type=float, default=RESNET50_PARAMS)
     parser.add_argument("--checkpoints", type=int, default=20, help="checkpoints in the timed run")
     parser.add_argument("--memory-checkpoints", default="5,40", help="two run lengths for memory")
