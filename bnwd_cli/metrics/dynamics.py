@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -545,19 +546,11 @@ class _LayerAccumulator:
         options: InspectOptions,
     ) -> StepPlan | None:
         """How to compute the implied last step block by block, where `plan_step` can."""
-        state = current.optimizer_state
-        if snapshot is None or hyper is None or state is None or hyper.optimizer_id is None:
+        inputs = _step_inputs(current, snapshot, hyper, options)
+        if inputs is None or snapshot is None:
             return None
-        per_param = param_state(state, hyper.optimizer_id)
-        if options.lr is not None:
-            hyper = replace(hyper, lr=options.lr)
-        return plan_step(
-            tensor,
-            per_param,
-            hyper,
-            family or snapshot.family,
-            per_row=self.per_row,
-        )
+        per_param, hyper = inputs
+        return plan_step(tensor, per_param, hyper, family or snapshot.family, per_row=self.per_row)
 
     def _implied(
         self,
@@ -571,12 +564,10 @@ class _LayerAccumulator:
         measured: TensorStats | None = None,
     ) -> ImpliedStep | None:
         """The last optimizer step this checkpoint's state implies (THEORY.md section 4)."""
-        state = current.optimizer_state
-        if snapshot is None or hyper is None or state is None or hyper.optimizer_id is None:
+        inputs = _step_inputs(current, snapshot, hyper, options)
+        if inputs is None or snapshot is None:
             return None
-        per_param = param_state(state, hyper.optimizer_id)
-        if options.lr is not None:
-            hyper = replace(hyper, lr=options.lr)
+        per_param, hyper = inputs
         result = implied_step(
             tensor,
             per_param,
@@ -663,6 +654,20 @@ class _LayerAccumulator:
             summary,
             equilibrium=self._assess(family),
         )
+
+
+def _step_inputs(
+    current: OpenCheckpoint,
+    snapshot: OptimizerSnapshot | None,
+    hyper: ParamHyper | None,
+    options: InspectOptions,
+) -> tuple[Mapping[str, Any] | None, ParamHyper] | None:
+    """A parameter's optimizer state and hyper-parameters (--lr applied), when it has them."""
+    state = current.optimizer_state
+    if snapshot is None or hyper is None or state is None or hyper.optimizer_id is None:
+        return None
+    per_param = param_state(state, hyper.optimizer_id)
+    return per_param, hyper if options.lr is None else replace(hyper, lr=options.lr)
 
 
 def _per_step(point: LayerPoint) -> float:
