@@ -50,6 +50,10 @@ ModelFile = Annotated[
         "scale-invariant, instead of the state-dict heuristic.",
     ),
 ]
+Factory = Annotated[
+    str | None,
+    typer.Option("--factory", help="Factory function in --model (default build_model)."),
+]
 InputShape = Annotated[
     str | None,
     typer.Option(

@@ -9,6 +9,7 @@ import typer
 from bnwd_cli.cli._options import (
     CkptDir,
     Ema,
+    Factory,
     Format,
     InputShape,
     Layers,
@@ -29,10 +30,7 @@ from bnwd_cli.render.output import OutputFormat
 def inspect(
     ckpt_dir: CkptDir,
     model: ModelFile = None,
-    factory: Annotated[
-        str | None,
-        typer.Option("--factory", help="Factory function in --model (default build_model)."),
-    ] = None,
+    factory: Factory = None,
     input_shape: InputShape = None,
     layers: Layers = None,
     lr: Lr = None,

@@ -9,6 +9,7 @@ import typer
 
 from bnwd_cli.cli._options import (
     Ema,
+    Factory,
     InputShape,
     Lr,
     ModelFile,
@@ -76,10 +77,7 @@ def plot(
         int, typer.Option("--dpi", help="Resolution of PNG output.", min=50, max=600)
     ] = 150,
     model: ModelFile = None,
-    factory: Annotated[
-        str | None,
-        typer.Option("--factory", help="Factory function in --model (default build_model)."),
-    ] = None,
+    factory: Factory = None,
     input_shape: InputShape = None,
     lr: Lr = None,
     optimizer: Optimizer = None,
