@@ -1083,11 +1083,9 @@ class _Analysis:
         main: State = None
         if x.state is not None or weight.state is not None:
             xs, ws = x.state, weight.state
-            origins = frozenset().union(*(s.origins for s in (xs, ws) if isinstance(s, Wave)))
-            if (isinstance(xs, Wave) and xs.shift is not None) or (
-                isinstance(ws, Wave) and ws.shift is not None
-            ):
-                return Broken(f"{node.fn_name} of an input with an additive part", origins)
+            origins = _product_origins(xs, ws, node.fn_name)
+            if isinstance(origins, Broken):
+                return origins
             patterns: list[Pattern] = []
             groups = int(node.args.get("groups") or 1)
             if isinstance(xs, Wave) and xs.pattern is not None:
@@ -1104,16 +1102,9 @@ class _Analysis:
                 patterns.append(Pattern(1, ws.pattern.block))
             if len(patterns) == 2 and patterns[0] != patterns[1]:
                 return Broken(f"{node.fn_name} of input and weight rescaled differently")
-            if (
-                isinstance(xs, Wave)
-                and isinstance(ws, Wave)
-                and (xs.pattern is None) != (ws.pattern is None)
-            ):
-                return Broken(f"{node.fn_name} of input and weight rescaled differently")
-            degree = (xs.degree if isinstance(xs, Wave) else _ZERO) + (
-                ws.degree if isinstance(ws, Wave) else _ZERO
-            )
-            main = _wave(degree, patterns[0] if patterns else None, None, origins)
+            main = _product_wave(xs, ws, patterns[0] if patterns else None, origins, node.fn_name)
+            if isinstance(main, Broken):
+                return main
         if bias_ref is None:
             return main
         bias = self.operand(bias_ref)
@@ -1135,11 +1126,9 @@ class _Analysis:
         main: State = None
         if x.state is not None or weight.state is not None:
             xs, ws = x.state, weight.state
-            origins = frozenset().union(*(s.origins for s in (xs, ws) if isinstance(s, Wave)))
-            if (isinstance(xs, Wave) and xs.shift is not None) or (
-                isinstance(ws, Wave) and ws.shift is not None
-            ):
-                return Broken("linear of an input with an additive part", origins)
+            origins = _product_origins(xs, ws, "linear")
+            if isinstance(origins, Broken):
+                return origins
             pattern: Pattern | None = None
             if isinstance(xs, Wave) and xs.pattern is not None:
                 x_ndim = len(x.shape)
@@ -1153,16 +1142,9 @@ class _Analysis:
                 if pattern is not None and pattern != w_pattern:
                     return Broken("linear of input and weight rescaled differently")
                 pattern = w_pattern
-            if (
-                isinstance(xs, Wave)
-                and isinstance(ws, Wave)
-                and (xs.pattern is None) != (ws.pattern is None)
-            ):
-                return Broken("linear of input and weight rescaled differently")
-            degree = (xs.degree if isinstance(xs, Wave) else _ZERO) + (
-                ws.degree if isinstance(ws, Wave) else _ZERO
-            )
-            main = _wave(degree, pattern, None, origins)
+            main = _product_wave(xs, ws, pattern, origins, "linear")
+            if isinstance(main, Broken):
+                return main
         bias_ref = node.args.get("bias")
         if bias_ref is None:
             return main
@@ -1797,3 +1779,31 @@ __all__ = [
     "classify_model",
     "classify_model_file",
 ]
+
+
+def _product_origins(xs: State, ws: State, what: str) -> frozenset[int] | Broken:
+    """The weights an input x weight product depends on; Broken when either has an additive
+    part (a rescaled term plus an unscaled one is not rescaled by the product)."""
+    origins = frozenset().union(*(s.origins for s in (xs, ws) if isinstance(s, Wave)))
+    if (isinstance(xs, Wave) and xs.shift is not None) or (
+        isinstance(ws, Wave) and ws.shift is not None
+    ):
+        return Broken(f"{what} of an input with an additive part", origins)
+    return origins
+
+
+def _product_wave(
+    xs: State, ws: State, pattern: Pattern | None, origins: frozenset[int], what: str
+) -> State:
+    """The state of input x weight: degrees add; one factor rescaled per channel and the other
+    as a whole do not combine into one rescaling."""
+    if (
+        isinstance(xs, Wave)
+        and isinstance(ws, Wave)
+        and (xs.pattern is None) != (ws.pattern is None)
+    ):
+        return Broken(f"{what} of input and weight rescaled differently")
+    degree = (xs.degree if isinstance(xs, Wave) else _ZERO) + (
+        ws.degree if isinstance(ws, Wave) else _ZERO
+    )
+    return _wave(degree, pattern, None, origins)
