@@ -22,12 +22,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from bnwd_cli.errors import UsageError
 from bnwd_cli.graph.classes import ModelClassification, ParamClassification, ParamKind
+
+if TYPE_CHECKING:
+    import torch
 
 
 class InvariantPolicy(StrEnum):

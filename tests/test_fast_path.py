@@ -1,11 +1,13 @@
 """The fast path of the streaming pass against simple references.
 
-- `metrics.kernels.tensor_stats` (blocked float64 sweeps, two threads) against a plain numpy
-  computation in extended precision (`np.longdouble`), on random tensors of several dtypes and
-  shapes, with relative steps down to 1e-9 (where a float32 pass would drown);
+- `metrics.kernels.tensor_stats` (blocked float64 sweeps, compiled and numpy, one and two
+  threads) against a plain numpy computation in extended precision (`np.longdouble`), on random
+  tensors of several dtypes and shapes, with relative steps down to 1e-9 (where a float32 pass
+  would drown);
 - the block-computed optimizer step of `metrics.updates` against `previous_weight`;
-- the zero-copy readers of `checkpoints.mapped` against `safetensors.torch.load_file` and
-  `torch.load(weights_only=True)`, including the files they must refuse;
+- the zero-copy readers of `checkpoints.mapped` (numpy views of a memory map) against
+  `safetensors.torch.load_file` and `torch.load(weights_only=True)`, including non-contiguous
+  tensors and the files they must refuse;
 - `bnwd --help` / `--version` without importing torch.
 
 No timings are asserted here; benchmarks/bench_inspect.py measures speed and memory.
@@ -24,23 +26,27 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bnwd_cli.checkpoints.arrays import dtype_name, from_torch, tag_of, widened
 from bnwd_cli.checkpoints.mapped import (
+    RELEASE_MIN,
     NotMappableError,
     SafetensorsFile,
     load_torch_zip,
     release_pages,
+    strided_view,
 )
 from bnwd_cli.checkpoints.reader import SafetensorsSource
 from bnwd_cli.checkpoints.safe_load import load_torch_file
 from bnwd_cli.errors import CheckpointError, UnsafeCheckpointError
 from bnwd_cli.metrics import kernels
-from bnwd_cli.metrics.kernels import tensor_stats
+from bnwd_cli.metrics.kernels import TensorStats, tensor_stats
 from bnwd_cli.metrics.optimizer import OptimizerFamily, ParamHyper
 from bnwd_cli.metrics.updates import (
     ImpliedStep,
@@ -116,12 +122,63 @@ SHAPES = [
 ]
 
 
+# ----------------------------------------------------------------------------- sweeps
+
+
+class Sweep:
+    """Which sweep a test asked for, and which ones actually ran (spied on)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.used: set[str] = set()
+
+    def expect(self, *inputs: object) -> str:
+        """The sweep that must have run for these inputs: the compiled one takes contiguous
+        float32 / float64 / bfloat16 arrays, everything else goes through numpy."""
+        if self.name == "numpy":
+            return "numpy"
+        takes = {torch.float32, torch.float64, torch.bfloat16}
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and (t.dtype not in takes or not t.is_contiguous()):
+                return "numpy"
+        return "compiled"
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def sweep(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Sweep:
+    """Run the test with the compiled sweep, then with the numpy one (BNWD_NO_COMPILED=1)."""
+    chosen = Sweep(request.param)
+    if request.param == "numpy":
+        monkeypatch.setenv("BNWD_NO_COMPILED", "1")
+    else:
+        monkeypatch.delenv("BNWD_NO_COMPILED", raising=False)
+        if not kernels.compiled():
+            pytest.skip("the compiled sweep (bnwd_cli/metrics/_sweep*.so) is not built here")
+    assert kernels.compiled() == (request.param == "compiled")
+    original_numpy = kernels._sweep_numpy
+
+    def spy_numpy(*args: object, **kwargs: object) -> np.ndarray:
+        chosen.used.add("numpy")
+        return original_numpy(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "_sweep_numpy", spy_numpy)
+    if kernels._compiled is not None:
+        original_compiled = kernels._compiled
+
+        def spy_compiled(*args: object) -> object:
+            chosen.used.add("compiled")
+            return original_compiled.row_sums(*args)
+
+        monkeypatch.setattr(kernels, "_compiled", SimpleNamespace(row_sums=spy_compiled))
+    return chosen
+
+
 @pytest.mark.skipif(not EXTENDED, reason="needs an extended-precision long double")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("shape", "per_row"), SHAPES)
 @pytest.mark.parametrize("relative", [1e-2, 1e-6, 1e-9])
 def test_fast_path_matches_extended_precision_reference(
-    dtype: torch.dtype, shape: tuple[int, ...], per_row: bool, relative: float
+    dtype: torch.dtype, shape: tuple[int, ...], per_row: bool, relative: float, sweep: Sweep
 ) -> None:
     g = torch.Generator().manual_seed(zlib.crc32(repr((dtype, shape, relative)).encode()))
     a = (torch.randn(shape, generator=g) * 0.05).to(dtype)
@@ -134,13 +191,15 @@ def test_fast_path_matches_extended_precision_reference(
     achieved = diff / float(a.double().norm())
     assert 0 < achieved < max(10 * relative, 1e-6)  # the case is what it says (float16: ~3e-7)
     stats = tensor_stats(b, a, per_row=per_row)
+    assert sweep.used == {sweep.expect(a, b)}
     assert stats.norm == pytest.approx(norm, rel=1e-13)
     assert stats.diff_norm == pytest.approx(diff, rel=1e-12)
     assert stats.angle == pytest.approx(whole, rel=1e-9, abs=1e-15)
     if per_row and len(shape) >= 2:
         assert stats.row_norms is not None and stats.row_angles is not None
-        np.testing.assert_allclose(stats.row_norms.numpy(), row_norms, rtol=1e-13)
-        got = stats.row_angles.numpy()
+        assert stats.row_norms.dtype == np.float64 and stats.row_angles.dtype == np.float64
+        np.testing.assert_allclose(stats.row_norms, row_norms, rtol=1e-13)
+        got = stats.row_angles
         np.testing.assert_array_equal(np.isnan(got), np.isnan(row_angles))
         ok = ~np.isnan(row_angles)
         np.testing.assert_allclose(got[ok], row_angles[ok], rtol=1e-9, atol=1e-15)
@@ -152,24 +211,30 @@ def test_fast_path_matches_extended_precision_reference(
         assert abs(math.acos(min(1.0, float(cos))) - whole) > 0.5 * whole
 
 
-def test_cached_previous_sums_and_step_mode_agree_with_the_plain_call() -> None:
+def test_cached_previous_sums_and_step_mode_agree_with_the_plain_call(sweep: Sweep) -> None:
     g = torch.Generator().manual_seed(5)
     a = torch.randn(256, 128, 3, 3, generator=g)
     b = a + 1e-4 * torch.randn(a.shape, generator=g)
     plain = tensor_stats(b, a, per_row=True)
     first = tensor_stats(a, None, per_row=True)
+    assert first.row_sq is not None
     cached = tensor_stats(b, a, per_row=True, previous_row_sq=first.row_sq)
     stepped = tensor_stats(b, None, per_row=True, step=b.double() - a.double())
+    assert sweep.used == {sweep.expect(a, b)}
     for other in (cached, stepped):
         assert other.norm == pytest.approx(plain.norm, rel=1e-14)
         assert other.diff_norm == pytest.approx(plain.diff_norm, rel=1e-13)
         assert other.angle == pytest.approx(plain.angle, rel=1e-11)
         assert other.row_angles is not None and plain.row_angles is not None
-        np.testing.assert_allclose(other.row_angles.numpy(), plain.row_angles.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(other.row_angles, plain.row_angles, rtol=1e-10)
     assert stepped.previous_sum_sq == pytest.approx(float(a.double().square().sum()), rel=1e-14)
+    # and the plain call itself against a direct float64 computation
+    b64, a64 = b.double().reshape(256, -1).numpy(), a.double().reshape(256, -1).numpy()
+    assert plain.diff_norm == pytest.approx(float(np.linalg.norm(b64 - a64)), rel=1e-12)
+    np.testing.assert_allclose(first.row_sq, np.square(a64).sum(axis=1), rtol=1e-13)
 
 
-def test_step_mode_with_a_tiny_previous_weight_stays_accurate() -> None:
+def test_step_mode_with_a_tiny_previous_weight_stays_accurate(sweep: Sweep) -> None:
     # |a|^2 derived from b and d cancels when a is much shorter than b: those rows are redone.
     g = torch.Generator().manual_seed(8)
     b = torch.randn(16, 50, dtype=torch.float64, generator=g)
@@ -180,28 +245,73 @@ def test_step_mode_with_a_tiny_previous_weight_stays_accurate() -> None:
     a = b - step  # the previous weight the (rounded) step implies
     plain = tensor_stats(b, a, per_row=True)
     stepped = tensor_stats(b, None, per_row=True, step=step)
+    assert sweep.used == {sweep.expect(a, b)}
     assert stepped.previous_sum_sq == pytest.approx(float((a * a).sum()), rel=1e-12)
     assert stepped.diff_norm == pytest.approx(plain.diff_norm, rel=1e-13)
     assert stepped.row_angles is not None and plain.row_angles is not None
-    np.testing.assert_allclose(stepped.row_angles.numpy(), plain.row_angles.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(stepped.row_angles, plain.row_angles, rtol=1e-9)
+    # and against the angles computed directly from the rows (long double, no kernels)
+    expected = kernels_free_angles(a.numpy(), b.numpy())
+    np.testing.assert_allclose(stepped.row_angles, expected, rtol=1e-9, atol=1e-15)
 
 
-def test_two_threads_give_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "whole"])
+def test_two_threads_give_the_same_figures(
+    monkeypatch: pytest.MonkeyPatch, sweep: Sweep, per_row: bool
+) -> None:
     g = torch.Generator().manual_seed(4)
     a = torch.randn(512, 256, 3, 3, generator=g)
     b = a + 1e-5 * torch.randn(a.shape, generator=g)
-    single = tensor_stats(b, a, per_row=True)
-    monkeypatch.setenv("BNWD_THREADS", "2")
     assert b.numel() >= kernels.PARALLEL_MIN
-    double = tensor_stats(b, a, per_row=True)
-    assert double.norm == pytest.approx(single.norm, rel=1e-14)
-    assert double.diff_norm == pytest.approx(single.diff_norm, rel=1e-14)
-    assert double.row_angles is not None and single.row_angles is not None
-    np.testing.assert_array_equal(double.row_angles.numpy(), single.row_angles.numpy())
+    momentum = torch.randn(a.shape, generator=g) * 1e-3
+    plan = plan_step(b, {"momentum_buffer": momentum}, hyper(OptimizerFamily.SGD_MOMENTUM),
+                     OptimizerFamily.SGD_MOMENTUM, per_row=per_row)  # fmt: skip
+    assert plan is not None
+
+    def figures() -> list[TensorStats]:
+        return [
+            tensor_stats(b, a, per_row=per_row, with_step=plan.fill),
+            tensor_stats(b, None, per_row=per_row, step=b.double() - a.double()),
+        ]
+
+    monkeypatch.setenv("BNWD_THREADS", "1")
+    submitted: list[int] = []
+    original_executor = kernels._executor
+
+    def counting_executor(workers: int) -> object:
+        submitted.append(workers)
+        return original_executor(workers)
+
+    monkeypatch.setattr(kernels, "_executor", counting_executor)
+    single = figures()
+    assert not submitted  # one thread: nothing handed to the pool
+    monkeypatch.setenv("BNWD_THREADS", "2")
+    double = figures()
+    assert submitted and set(submitted) == {2}  # the tensor really was split
+    assert sweep.used == {sweep.expect(a, b)}
+    pairs = [(double[0], single[0]), (double[1], single[1])]
+    assert double[0].step_stats is not None and single[0].step_stats is not None
+    pairs.append((double[0].step_stats, single[0].step_stats))
+    for got, expected in pairs:
+        assert got.norm == pytest.approx(expected.norm, rel=1e-12)
+        assert got.diff_norm == pytest.approx(expected.diff_norm, rel=1e-12)
+        assert got.angle == pytest.approx(expected.angle, rel=1e-12)
+        assert got.previous_sum_sq == pytest.approx(expected.previous_sum_sq, rel=1e-12)
+        if per_row:
+            for name in ("row_norms", "row_angles", "row_sq"):
+                x, y = getattr(got, name), getattr(expected, name)
+                assert x is not None and y is not None and x.shape == (512,)
+                np.testing.assert_allclose(x, y, rtol=1e-12, err_msg=name)
+        else:
+            assert got.row_norms is None and got.row_angles is None
+    # and neither is off: the whole-tensor figures against a direct float64 computation
+    b64, a64 = b.double().numpy(), a.double().numpy()
+    assert double[0].diff_norm == pytest.approx(float(np.linalg.norm(b64 - a64)), rel=1e-12)
+    assert double[0].norm == pytest.approx(float(np.linalg.norm(b64)), rel=1e-12)
 
 
 @pytest.mark.parametrize("family", [OptimizerFamily.SGD_MOMENTUM, OptimizerFamily.ADAMW])
-def test_one_sweep_for_both_steps_equals_two(family: OptimizerFamily) -> None:
+def test_one_sweep_for_both_steps_equals_two(family: OptimizerFamily, sweep: Sweep) -> None:
     # The streaming pass measures the checkpoint-to-checkpoint step and the optimizer's last
     # step in one read of the weight; the figures must not depend on it.
     g = torch.Generator().manual_seed(23)
@@ -220,12 +330,13 @@ def test_one_sweep_for_both_steps_equals_two(family: OptimizerFamily) -> None:
     both = tensor_stats(w, before, per_row=True, with_step=plan.fill)
     alone = tensor_stats(w, before, per_row=True)
     step_alone = tensor_stats(w, None, per_row=True, step=plan.fill)
+    assert sweep.used == {sweep.expect(w, before)}
     assert both.step_stats is not None
     for got, expected in ((both, alone), (both.step_stats, step_alone)):
         assert got.diff_norm == pytest.approx(expected.diff_norm, rel=1e-14)
         assert got.angle == pytest.approx(expected.angle, rel=1e-12)
         assert got.row_angles is not None and expected.row_angles is not None
-        np.testing.assert_allclose(got.row_angles.numpy(), expected.row_angles.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(got.row_angles, expected.row_angles, rtol=1e-12)
     first = tensor_stats(w, None, per_row=True, with_step=plan.fill)  # no previous checkpoint
     assert first.diff_norm is None and first.step_stats is not None
     assert first.step_stats.diff_norm == pytest.approx(step_alone.diff_norm, rel=1e-14)
@@ -236,9 +347,14 @@ def test_one_sweep_for_both_steps_equals_two(family: OptimizerFamily) -> None:
     assert isinstance(implied, ImpliedStep) and isinstance(reused, ImpliedStep)
     assert reused.relative_update == pytest.approx(implied.relative_update, rel=1e-13)
     assert reused.angular_update == pytest.approx(implied.angular_update, rel=1e-12)
+    # the step the formula measured against the step written out in float64 (torch)
+    previous = previous_weight(w, state, hyper(family), family, per_row=True)
+    assert not isinstance(previous, NoImpliedStep)
+    direct = w.double().numpy() - previous[0]
+    assert step_alone.diff_norm == pytest.approx(float(np.linalg.norm(direct)), rel=1e-9)
 
 
-def test_radial_steps_take_the_explicit_path_and_stay_accurate() -> None:
+def test_radial_steps_take_the_explicit_path_and_stay_accurate(sweep: Sweep) -> None:
     # A step almost along the weight (a pure rescaling plus a tiny turn) is where the sums
     # alone would cancel; the kernel must notice and still give the turn to 1e-9.
     g = torch.Generator().manual_seed(9)
@@ -246,19 +362,81 @@ def test_radial_steps_take_the_explicit_path_and_stay_accurate() -> None:
     turn = torch.randn(32, 300, dtype=torch.float64, generator=g)
     turn -= (turn * a).sum(1, keepdim=True) / (a * a).sum(1, keepdim=True) * a
     b = 1.5 * a + 1e-7 * turn
-    assert kernels._needs_explicit(kernels._row_sums(b, a, None, need_prev_sq=True)).all()
+    sums = kernels._row_sums(b.numpy(), a.numpy(), None, need_prev_sq=True)
+    assert kernels._needs_explicit(sums).all()
     stats = tensor_stats(b, a, per_row=True)
+    assert sweep.used == {sweep.expect(a, b)}
     expected = torch.atan2(1e-7 * turn.norm(dim=1), 1.5 * a.norm(dim=1))
     assert stats.row_angles is not None
-    np.testing.assert_allclose(stats.row_angles.numpy(), expected.numpy(), rtol=1e-8)
+    np.testing.assert_allclose(stats.row_angles, expected.numpy(), rtol=1e-8)
 
 
-def test_other_devices_and_dtypes_use_the_reference_path() -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form", ["torch", "numpy"])
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "whole"])
+def test_half_precision_inputs_give_the_float64_figures(
+    dtype: torch.dtype, form: str, per_row: bool, sweep: Sweep
+) -> None:
+    # float16 and bfloat16 values are float64 values: the figures of a half-precision pair must
+    # be those of the same values in float64, computed here without the kernels.
+    g = torch.Generator().manual_seed(zlib.crc32(repr((dtype, per_row)).encode()))
+    a = (torch.randn(40, 8, 5, generator=g) * 0.05).to(dtype)
+    b = (a.double() + 1e-2 * 0.05 * torch.randn(a.shape, generator=g, dtype=torch.float64)).to(
+        dtype
+    )
+    assert not torch.equal(a, b)
+    rows = 40 if per_row else 1
+    b64 = b.double().numpy().reshape(rows, -1)
+    a64 = a.double().numpy().reshape(rows, -1)
+    d64 = b64 - a64  # exact: the step of two half-precision values fits a float64
+    reference_angles = kernels_free_angles(a64, b64)
+
+    if form == "torch":
+        stats = tensor_stats(b, a, per_row=per_row)
+    else:
+        x, y = from_torch(b), from_torch(a)
+        if dtype is torch.bfloat16:
+            assert tag_of(x.dtype) == "bfloat16"  # raw bits under the tagged dtype
+            np.testing.assert_array_equal(widened(x), b.float().numpy())
+        stats = tensor_stats(x, y, per_row=per_row)
+    assert sweep.used == {sweep.expect(a, b)}
+    assert stats.norm == pytest.approx(math.sqrt(math.fsum((b64 * b64).ravel())), rel=1e-13)
+    assert stats.diff_norm == pytest.approx(math.sqrt(math.fsum((d64 * d64).ravel())), rel=1e-12)
+    whole = kernels_free_angles(a64.reshape(1, -1), b64.reshape(1, -1))[0]
+    assert stats.angle == pytest.approx(whole, rel=1e-9)
+    if per_row:
+        assert stats.row_norms is not None and stats.row_angles is not None
+        np.testing.assert_allclose(stats.row_norms, np.sqrt((b64 * b64).sum(axis=1)), rtol=1e-13)
+        np.testing.assert_allclose(stats.row_angles, reference_angles, rtol=1e-9)
+    else:
+        assert stats.row_norms is None
+    # the same values in float64 give the same figures
+    same = tensor_stats(b.double(), a.double(), per_row=per_row)
+    assert stats.diff_norm == pytest.approx(same.diff_norm, rel=1e-13)
+    assert stats.angle == pytest.approx(same.angle, rel=1e-12)
+
+
+def kernels_free_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row angle between rows of float64 `a` and `b`, by the explicit projection in long
+    double (independent of `kernels`)."""
+    al, bl = a.astype(LONG), b.astype(LONG)
+    out = []
+    for x, y in zip(al, bl, strict=True):
+        across = (y - x) - (np.sum((y - x) * x) / np.sum(x * x)) * x
+        along = np.sum(y * x) / np.sqrt(np.sum(x * x))
+        out.append(float(np.arctan2(np.sqrt(np.sum(across * across)), along)))
+    return np.array(out)
+
+
+def test_integer_inputs_are_measured_as_float64() -> None:
     a = torch.arange(12, dtype=torch.int32).reshape(3, 4)
     b = a + 1
-    stats = tensor_stats(b, a, per_row=True)
-    assert stats.diff_norm == pytest.approx(math.sqrt(12))
-    assert stats.norm == pytest.approx(float(b.double().norm()))
+    for x, y in ((b, a), (b.numpy(), a.numpy())):
+        stats = tensor_stats(x, y, per_row=True)
+        assert stats.diff_norm == pytest.approx(math.sqrt(12), rel=1e-15)
+        assert stats.norm == pytest.approx(float(b.double().norm()), rel=1e-15)
+        assert stats.row_norms is not None
+        np.testing.assert_allclose(stats.row_norms, b.double().norm(dim=1).numpy(), rtol=1e-15)
 
 
 # ----------------------------------------------------------------------------- implied steps
@@ -281,7 +459,7 @@ def hyper(family: OptimizerFamily) -> ParamHyper:
 )
 @pytest.mark.parametrize("per_row", [True, False])
 def test_block_computed_step_matches_previous_weight(
-    family: OptimizerFamily, per_row: bool
+    family: OptimizerFamily, per_row: bool, sweep: Sweep
 ) -> None:
     g = torch.Generator().manual_seed(17)
     w = torch.randn(96, 40, 3, 3, generator=g) * 0.05
@@ -294,23 +472,45 @@ def test_block_computed_step_matches_previous_weight(
             "exp_avg_sq": torch.rand(w.shape, generator=g) * 1e-6,
         }
     fast = implied_step(w, state, hyper(family), family, per_row=per_row)
+    assert sweep.used == {sweep.expect(w)}  # the step formula evaluated in the sweep
     before = previous_weight(w, state, hyper(family), family, per_row=per_row)
     assert isinstance(fast, ImpliedStep) and not isinstance(before, NoImpliedStep)
     previous, exact, _, count = before
+    assert isinstance(previous, np.ndarray) and previous.dtype == np.float64
+    assert previous.shape == tuple(w.shape)
     slow = tensor_stats(w, previous, per_row=per_row)
-    previous_norm = float(previous.square().sum().sqrt())
+    previous_norm = float(np.sqrt(np.square(previous).sum()))
     assert slow.diff_norm is not None
     assert fast.relative_update == pytest.approx(slow.diff_norm / previous_norm, rel=1e-10)
     assert fast.exact == exact and fast.optimizer_step == count
     if per_row:
         assert slow.row_angles is not None
-        rms = float(slow.row_angles.square().mean().sqrt())
+        rms = float(np.sqrt(np.square(slow.row_angles).mean()))
         assert fast.angular_update == pytest.approx(rms, rel=1e-9)
     else:
         assert fast.angular_update == pytest.approx(slow.angle, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- safetensors
+
+
+def _torch_dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _assert_array_equals_tensor(got: object, tensor: torch.Tensor, what: object = "") -> None:
+    """`got` is the numpy array holding `tensor`: same dtype, shape, values (bit for bit)."""
+    assert isinstance(got, np.ndarray), (what, type(got))
+    tensor = tensor.detach()
+    assert dtype_name(got) == _torch_dtype_name(tensor), what
+    assert got.shape == tuple(tensor.shape), what
+    if tensor.dtype is torch.bfloat16:
+        assert got.dtype.itemsize == 2
+        np.testing.assert_array_equal(widened(got), tensor.float().numpy(), err_msg=str(what))
+        bits = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(got.view(np.uint16), bits), what
+    else:
+        assert np.array_equal(got, tensor.numpy()), what
 
 
 def test_mapped_safetensors_equal_load_file(tmp_path: Path) -> None:
@@ -333,11 +533,12 @@ def test_mapped_safetensors_equal_load_file(tmp_path: Path) -> None:
     assert set(mapped.keys()) == set(expected)
     for key, tensor in expected.items():
         got = mapped.get_tensor(key)
-        assert got.dtype == tensor.dtype and got.shape == tensor.shape, key
-        assert torch.equal(got, tensor), key
+        _assert_array_equals_tensor(got, tensor, key)
     # big tensors are views of the file, not copies
     view = mapped.get_tensor("a.weight")
-    assert view.untyped_storage().data_ptr() == mapped.file.base + mapped.entries["a.weight"].offset
+    address = view.__array_interface__["data"][0]
+    assert address == mapped.file.base + mapped.entries["a.weight"].offset
+    assert not view.flags.writeable
 
 
 def _safetensors_bytes(header: dict[str, object], data: bytes) -> bytes:
@@ -372,24 +573,32 @@ def test_malformed_safetensors_are_refused(tmp_path: Path, header: dict[str, obj
 # ----------------------------------------------------------------------------- torch zip
 
 
-def _assert_same(x: object, y: object) -> None:
-    assert type(x) is type(y), (type(x), type(y))
-    if isinstance(x, torch.Tensor):
-        assert isinstance(y, torch.Tensor)
-        assert (x.dtype, x.shape, x.stride()) == (y.dtype, y.shape, y.stride())
-        assert torch.equal(x, y)
-    elif isinstance(x, dict):
-        assert isinstance(y, dict)
-        assert list(x) == list(y)
-        for key in x:
-            _assert_same(x[key], y[key])
-    elif isinstance(x, list | tuple):
-        assert isinstance(y, list | tuple)
-        assert len(x) == len(y)
-        for u, v in zip(x, y, strict=True):
-            _assert_same(u, v)
+def _assert_same(got: object, expected: object, where: str = "") -> None:
+    """`got` (from `load_torch_zip`) holds what `expected` (from `torch.load`) holds, with numpy
+    arrays in place of tensors: same dtype, shape, strides and values."""
+    if isinstance(expected, torch.Tensor):  # parameters included
+        _assert_array_equals_tensor(got, expected, where)
+        assert isinstance(got, np.ndarray)
+        strides = tuple(s * got.dtype.itemsize for s in expected.stride())
+        assert got.strides == strides, (where, got.strides, strides)
+        return
+    assert type(got) is type(expected), (where, type(got), type(expected))
+    if isinstance(expected, dict):
+        assert isinstance(got, dict)
+        assert list(got) == list(expected), where
+        for key in expected:
+            _assert_same(got[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(got, list | tuple)
+        assert len(got) == len(expected), where
+        for i, (u, v) in enumerate(zip(got, expected, strict=True)):
+            _assert_same(u, v, f"{where}/{i}")
     else:
-        assert x == y
+        assert got == expected, where
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 def _training_checkpoint(optimizer: str) -> dict[str, object]:
@@ -429,9 +638,120 @@ def test_mapped_torch_zip_equals_torch_load(tmp_path: Path, optimizer: str) -> N
     got = load_torch_zip(path)
     _assert_same(got, expected)
     extras = got["extras"]
-    assert extras["tied_a"].data_ptr() == extras["tied_b"].data_ptr()
-    assert extras["transposed"].data_ptr() == extras["tied_a"].data_ptr()
-    assert load_torch_file(path).keys() == expected.keys()
+    assert _address(extras["tied_a"]) == _address(extras["tied_b"])
+    assert _address(extras["transposed"]) == _address(extras["tied_a"])
+    assert not extras["transposed"].flags.c_contiguous
+    assert not extras["tied_a"].flags.writeable  # a view of the read-only map
+    loaded = load_torch_file(path)
+    assert loaded.keys() == expected.keys()
+    _assert_same(loaded, expected)
+
+
+def test_mapped_torch_zip_reads_non_contiguous_tensors(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(6, 10, generator=g)
+    conv = torch.randn(8, 3, 3, 3, generator=g)
+    tensors = {
+        "transposed": torch.randn(5, 7, generator=g).t(),
+        "channels_last": conv.to(memory_format=torch.channels_last),
+        "permuted": torch.randn(2, 3, 4, generator=g).permute(2, 0, 1),
+        "sliced": base[1:, 2::3],  # a storage offset and a step
+        "column": base[:, 4],
+        "row": base[2],  # contiguous, at an offset into the same storage
+        "expanded": torch.randn(3, 1, generator=g).expand(3, 4),  # stride 0
+        "bf16": torch.randn(4, 6, generator=g).to(torch.bfloat16).t(),
+        "half": torch.randn(4, 6, generator=g).to(torch.float16)[:, 1::2],
+        "double": torch.randn(3, 5, generator=g, dtype=torch.float64).t(),
+    }
+    assert not all(t.is_contiguous() for t in tensors.values())
+    path = tmp_path / "strided.pt"
+    torch.save(tensors, path)
+    expected = torch.load(path, map_location="cpu", weights_only=True)
+    for key, tensor in tensors.items():  # torch.save keeps the layout: the case is what it says
+        assert expected[key].stride() == tensor.stride(), key
+    got = load_torch_zip(path)
+    _assert_same(got, expected)
+    for key in ("transposed", "channels_last", "permuted", "sliced", "column", "bf16"):
+        assert not got[key].flags.c_contiguous, key
+    # views of one storage in the file, not copies
+    assert np.shares_memory(got["sliced"], got["row"])
+    assert np.shares_memory(got["column"], got["row"])
+    # the sweep reads such views element by element as they are laid out
+    stats = tensor_stats(got["channels_last"], None, per_row=True)
+    assert stats.row_norms is not None
+    np.testing.assert_allclose(stats.row_norms, conv.double().flatten(1).norm(dim=1), rtol=1e-13)
+    stats = tensor_stats(got["bf16"], got["transposed"][:6, :4], per_row=True)
+    b64 = tensors["bf16"].double().numpy()
+    a64 = tensors["transposed"][:6, :4].double().numpy()
+    assert stats.diff_norm == pytest.approx(float(np.linalg.norm(b64 - a64)), rel=1e-13)
+
+
+class _RawTensor:
+    """Pickles as `torch.save` pickles a tensor, with any storage offset, size and stride
+    (torch itself will not make a tensor that reaches past its storage)."""
+
+    def __init__(
+        self, storage: object, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+    ) -> None:
+        self.args: tuple[object, ...] = (storage, offset, size, stride, False, OrderedDict())
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, tuple[object, ...]]:
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "stride", "fits"),
+    [
+        (0, (3, 4), (4, 1), True),  # the whole storage
+        (2, (2, 5), (5, 1), True),  # last element 11: the last of the storage
+        (0, (4, 3), (1, 4), True),  # transposed
+        (11, (1,), (1,), True),
+        (0, (3, 4), (0, 1), True),  # stride 0 (an expanded row)
+        (1, (3, 4), (4, 1), False),  # one element past the end
+        (0, (3, 4), (5, 1), False),  # the stride reaches past the end
+        (0, (4, 3), (1, 5), False),
+        (0, (2,), (12,), False),
+        (12, (1,), (1,), False),
+        (0, (13,), (1,), False),
+    ],
+)
+def test_crafted_tensor_geometry_must_stay_inside_its_storage(
+    tmp_path: Path, offset: int, size: tuple[int, ...], stride: tuple[int, ...], fits: bool
+) -> None:
+    values = torch.arange(12, dtype=torch.float32)
+    storage = torch.storage.TypedStorage(
+        wrap_storage=values.untyped_storage(), dtype=torch.float32, _internal=True
+    )
+    path = tmp_path / "crafted.pt"
+    torch.save({"w": _RawTensor(storage, offset, size, stride)}, path)
+    if fits:  # the crafted file is sound: it loads, and as torch loads it
+        got = load_torch_zip(path)["w"]
+        expected = torch.as_strided(values, size, stride, offset)
+        np.testing.assert_array_equal(got, expected.numpy())
+        _assert_same(got, torch.load(path, weights_only=True)["w"])
+    else:
+        with pytest.raises(NotMappableError, match="past the end of its storage"):
+            load_torch_zip(path)
+    # the same geometry given to `strided_view` directly
+    flat = np.arange(12, dtype=np.float32)
+    if fits:
+        view = strided_view(flat, offset, size, stride)
+        np.testing.assert_array_equal(view, torch.as_strided(values, size, stride, offset))
+        assert np.shares_memory(view, flat)
+    else:
+        with pytest.raises(NotMappableError):
+            strided_view(flat, offset, size, stride)
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "stride"),
+    [(-1, (2,), (1,)), (0, (2,), (-1,)), (0, (-2,), (1,)), (4, (2, 2), (-2, 1))],
+)
+def test_strided_view_refuses_negative_geometry(
+    offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+) -> None:
+    with pytest.raises(NotMappableError):
+        strided_view(np.arange(12, dtype=np.float32), offset, size, stride)
 
 
 class _Payload:
@@ -468,7 +788,9 @@ def test_metadata_objects_fall_back_to_the_general_loader(tmp_path: Path) -> Non
     with pytest.raises(NotMappableError):
         load_torch_zip(path)
     loaded = load_torch_file(path)  # placeholders for the Namespace, as before
-    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    w = loaded["state_dict"]["w"]
+    assert isinstance(w, np.ndarray) and w.dtype == np.float32
+    np.testing.assert_array_equal(w, np.ones(2, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------- memory
@@ -481,13 +803,19 @@ def test_release_pages_keeps_data_and_ignores_heap_tensors(tmp_path: Path) -> No
     save_file(weights, str(path))
     mapped = SafetensorsFile(path)
     big = mapped.get_tensor("big")
-    before = big.clone()
+    assert big.nbytes >= RELEASE_MIN  # large enough to be released
+    before = big.copy()
     release_pages(big, mapped.get_tensor("small"), None)
-    assert torch.equal(big, before)  # faulted back in from the file
-    heap = torch.randn(1 << 20, generator=g)
-    copy = heap.clone()
+    np.testing.assert_array_equal(big, before)  # faulted back in from the file
+    np.testing.assert_array_equal(big, weights["big"].numpy())
+    heap = np.random.default_rng(2).standard_normal(1 << 20)
+    copy = heap.copy()
     release_pages(heap)  # not a map of ours: must be left alone
-    assert torch.equal(heap, copy)
+    np.testing.assert_array_equal(heap, copy)
+    tensor = torch.randn(1 << 20, generator=g)  # nor a torch tensor (not an array at all)
+    tensor_copy = tensor.clone()
+    release_pages(tensor)  # type: ignore[arg-type]
+    assert torch.equal(tensor, tensor_copy)
 
 
 # ----------------------------------------------------------------------------- start-up

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from bnwd_cli.checkpoints.safe_load import load_torch_file
 from bnwd_cli.metrics.dynamics import analyze_run
 from bnwd_cli.metrics.optimizer import (
     LayoutHint,
@@ -152,9 +154,23 @@ def test_recorded_name_with_the_wrong_shape_is_left_unmapped() -> None:
     assert any("left unmapped" in note for note in snapshot.notes)
 
 
-def test_order_without_names_is_checked_against_shapes() -> None:
+def saved_and_read(state: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """`state` as a checkpoint gives it to bnwd: through `torch.save`, with numpy buffers."""
+    path = directory / "optimizer.pt"
+    torch.save(state, path)
+    loaded = load_torch_file(path)
+    buffer = loaded["state"][0]["momentum_buffer"]
+    assert isinstance(buffer, np.ndarray)  # the case is what it says
+    return loaded
+
+
+@pytest.mark.parametrize("source", ["torch", "checkpoint"])
+def test_order_without_names_is_checked_against_shapes(source: str, tmp_path: Path) -> None:
+    # API callers pass `opt.state_dict()` (torch tensors); checkpoints give numpy arrays
     model = small()
     state = stepped(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    if source == "checkpoint":
+        state = saved_and_read(state, tmp_path)
     snapshot = read_optimizer_state(state, params_of(model))
     assert snapshot.mapping is NameMapping.ORDER_VERIFIED
     assert snapshot.id_to_name == {0: "0.weight", 1: "0.bias", 2: "2.weight", 3: "2.bias"}

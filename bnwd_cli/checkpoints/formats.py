@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from bnwd_cli.checkpoints.safe_load import (
     PICKLE_PROTO,
@@ -86,7 +86,7 @@ EPOCH_KEYS = ("epoch",)
 class Payload:
     """The parts of a loaded torch checkpoint that bnwd uses."""
 
-    state_dict: Mapping[str, torch.Tensor]
+    state_dict: Mapping[str, np.ndarray]
     model_key: str | None
     """Where the weights were found (`None`: the file is a bare state dict)."""
     optimizer_state: Mapping[str, Any] | None
@@ -105,8 +105,10 @@ def _as_int(value: object) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return int(value.item())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
+        return int(value.reshape(-1)[0])
     return None
 
 
@@ -118,7 +120,7 @@ def is_state_dict(obj: object) -> bool:
     for key, value in obj.items():
         if not isinstance(key, str):
             return False
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, np.ndarray):
             tensors += 1
         elif not key.endswith("_extra_state"):
             return False
@@ -138,8 +140,6 @@ def interpret_payload(path: Path, obj: object, *, use_ema: bool = False) -> Payl
             f"is a pickled `{placeholder}` object, not a state dict; only full unpickling can "
             f"load it. If you trust this file, re-run with {TRUST_FLAG}",
         )
-    if isinstance(obj, torch.nn.Module):  # only reachable with --trust-pickle
-        return Payload(obj.state_dict(), None, None, None, None, CheckpointFormat.TORCH)
     if is_state_dict(obj):
         assert isinstance(obj, Mapping)
         return Payload(obj, None, None, None, None, CheckpointFormat.TORCH)
@@ -159,8 +159,6 @@ def interpret_payload(path: Path, obj: object, *, use_ema: bool = False) -> Payl
         keys = ", ".join(sorted(map(str, obj.keys()))[:8])
         raise CheckpointError(path, f"holds no model weights (top-level keys: {keys})")
     weights = obj[model_key]
-    if isinstance(weights, torch.nn.Module):
-        weights = weights.state_dict()
     optimizer_state, notes = _find_optimizer_state(obj)
     step = next((s for s in (_as_int(obj.get(k)) for k in STEP_KEYS) if s is not None), None)
     epoch = next((e for e in (_as_int(obj.get(k)) for k in EPOCH_KEYS) if e is not None), None)
@@ -184,7 +182,7 @@ def _holds_weights(path: Path, key: str, value: object) -> bool:
             f"stores its model under '{key}' as a pickled `{placeholder}` object; only full "
             f"unpickling can load it. If you trust this file, re-run with {TRUST_FLAG}",
         )
-    return is_state_dict(value) or isinstance(value, torch.nn.Module)
+    return is_state_dict(value)
 
 
 def _find_optimizer_state(

@@ -1,9 +1,10 @@
 """Zero-copy reads of torch zip and safetensors files through one memory map per file.
 
-Every tensor is a view (`torch.frombuffer`) into a private, copy-on-write map of its file, so a
-tensor's bytes are read only when an operation touches them, straight from the page cache, and
-never copied into the heap. Two costs of the general-purpose readers are avoided:
+Every tensor is a read-only numpy view into a read-only map of its file, so a tensor's bytes
+are read only when an operation touches them, straight from the page cache, and never copied
+into the heap. Three costs of the general-purpose readers are avoided:
 
+- importing torch at all (about a second; `checkpoints.arrays`);
 - `safetensors.safe_open(...).get_tensor` copies every tensor it returns;
 - `torch.load(weights_only=True)` runs a pure-Python unpickler, about 0.1 s for a ResNet-50
   checkpoint with its optimizer state, more than reading its 200 MB from the page cache takes.
@@ -15,8 +16,8 @@ function, a parameter rebuild function and the typed-storage classes, all on the
 (another global, a sparse or quantized tensor, tensor metadata, backward hooks, a big-endian
 archive, a compressed record) raises `NotMappableError` and the caller uses `torch.load` as before, so
 this path never accepts a file that the weights-only loader would refuse, and never decides how a
-refused file is reported. Bounds are checked by `torch.frombuffer` (record inside the file) and
-`Tensor.set_` (view inside its record).
+refused file is reported. Bounds are checked by `numpy.frombuffer` (record inside the file) and
+here (view inside its record).
 
 Resident memory: pages of a map count towards the process's RSS once touched. `release_pages`
 hands them back (`madvise(MADV_DONTNEED)`: the file's pages stay in the page cache, a later read
@@ -42,24 +43,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
+
+from bnwd_cli.checkpoints.arrays import BFLOAT16, FLOAT8_E4M3FN, FLOAT8_E5M2
 
 PAGE = mmap.PAGESIZE
+RELEASE_MIN = 1 << 18
+"""Tensors smaller than this (bytes) keep their pages until their file is unmapped: the
+system call costs more than their pages weigh (a ResNet-50 checkpoint holds about 1 MB of them)."""
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors crate's own limit
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": BFLOAT16,
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": FLOAT8_E4M3FN,
+    "F8_E5M2": FLOAT8_E5M2,
 }
 
 
@@ -74,7 +85,7 @@ _LIVE_LOCK = threading.Lock()
 
 
 class MappedFile:
-    """One file, mapped privately (copy-on-write: writes through a view never reach the file)."""
+    """One file, mapped read-only (views of it are read-only arrays)."""
 
     def __init__(self, path: Path) -> None:
         if sys.byteorder != "little":
@@ -86,32 +97,28 @@ class MappedFile:
         # map (a page fault per scattered zip header costs more than a system call).
         self._fd: int | None = os.open(path, os.O_RDONLY)
         try:
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         except (ValueError, OSError) as exc:  # empty file, or a file system without mmap
             self.finish_reading()
             raise NotMappableError(str(exc)) from None
         self.size = len(self._map)
-        probe = torch.frombuffer(self._map, dtype=torch.uint8, count=1)
-        self.base = probe.data_ptr()
-        del probe
+        self.base = _address(np.frombuffer(self._map, dtype=np.uint8, count=1))
         with _LIVE_LOCK:
             for base in [b for b, (ref, _) in _LIVE.items() if ref() is None]:
                 del _LIVE[base]
             _LIVE[self.base] = (weakref.ref(self._map), self.size)
 
-    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         """The tensor stored at byte `offset` (contiguous, little-endian), without a copy."""
         numel = math.prod(shape)
         if numel == 0:
-            return torch.empty(shape, dtype=dtype)
+            return _read_only(np.empty(shape, dtype=dtype))
         itemsize = dtype.itemsize
         if (self.base + offset) % itemsize:
             # Misaligned (safetensors does not pad between tensors of different widths): copy.
-            raw = torch.frombuffer(
-                self._map, dtype=torch.uint8, count=numel * itemsize, offset=offset
-            )
-            return raw.clone().view(dtype).reshape(shape)
-        return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset).reshape(shape)
+            raw = np.frombuffer(self._map, dtype=np.uint8, count=numel * itemsize, offset=offset)
+            return _read_only(raw.copy().view(dtype).reshape(shape))
+        return np.frombuffer(self._map, dtype=dtype, count=numel, offset=offset).reshape(shape)
 
     def bytes_at(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size or self._fd is None:
@@ -128,26 +135,32 @@ class MappedFile:
             self._fd = None
 
 
-def release_pages(*tensors: torch.Tensor | None) -> None:
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def release_pages(*tensors: np.ndarray | None) -> None:
     """Drop the pages backing `tensors` from this process's resident set.
 
-    Only tensors that view a live `MappedFile` are affected (others are left alone); their data
+    Only arrays that view a live `MappedFile` are affected (others are left alone); their data
     stays valid and is faulted back in from the page cache when next read. Pages at the edges
     may be shared with neighbouring tensors of the same file; those refault just the same.
-    Not for tensors modified in place: the map is private, and written pages would be dropped
-    with their changes (nothing in bnwd writes to checkpoint tensors).
     """
     if not hasattr(mmap, "MADV_DONTNEED"):
         return
+    large = [t for t in tensors if isinstance(t, np.ndarray) and t.nbytes >= RELEASE_MIN]
+    if not large:
+        return
     with _LIVE_LOCK:
         live = [(base, ref(), size) for base, (ref, size) in _LIVE.items()]
-    for tensor in tensors:
-        if tensor is None or tensor.device.type != "cpu":
-            continue
-        storage = tensor.untyped_storage()
-        start, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes < PAGE:
-            continue
+    for tensor in large:
+        start, end = byte_bounds(tensor)
+        nbytes = end - start
         for base, mapping, size in live:
             if mapping is not None and base <= start and start + nbytes <= base + size:
                 first = (start - base) // PAGE * PAGE
@@ -161,7 +174,7 @@ def release_pages(*tensors: torch.Tensor | None) -> None:
 
 @dataclass(frozen=True)
 class SafetensorsEntry:
-    dtype: torch.dtype
+    dtype: np.dtype[Any]
     shape: tuple[int, ...]
     offset: int
     """Absolute byte offset of the tensor's data in the file."""
@@ -180,7 +193,7 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str) -> np.ndarray:
         """The tensor stored under `key` (as `safe_open(...).get_tensor`, without the copy)."""
         entry = self.entries[key]
         return self.file.view(entry.offset, entry.shape, entry.dtype)
@@ -238,18 +251,31 @@ def _parse_safetensors_header(
 # ----------------------------------------------------------------------------- torch zip
 
 
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
+class _StorageType:
+    """What `find_class` gives for `torch.FloatStorage` etc.: the element type, inert."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: np.dtype[Any]) -> None:
+        self.dtype = dtype
+
+    def __reduce__(self) -> Any:
+        raise TypeError("not picklable")
+
+
+_STORAGE_ELEMENTS: dict[str, np.dtype[Any] | str] = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": BFLOAT16,
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
+_STORAGE_DTYPES = {name: _StorageType(np.dtype(dtype)) for name, dtype in _STORAGE_ELEMENTS.items()}
 
 
 class _TorchZip:
@@ -269,7 +295,7 @@ class _TorchZip:
         if byteorder is not None and self._record(byteorder, byteorder.file_size) != b"little":
             raise NotMappableError("not a little-endian archive")
         self.pickle = self._record(pickles[0], pickles[0].file_size)
-        self.storages: dict[str, torch.Tensor] = {}
+        self.storages: dict[str, np.ndarray] = {}
         self.storage_ids: set[int] = set()
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
@@ -284,18 +310,19 @@ class _TorchZip:
     def _record(self, info: zipfile.ZipInfo, length: int) -> bytes:
         return self.file.bytes_at(self._data_offset(info), length)
 
-    def storage(self, saved_id: object) -> torch.Tensor:
+    def storage(self, saved_id: object) -> np.ndarray:
         """`persistent_load`: a 1-D view of one storage record."""
         if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
             raise NotMappableError(f"unexpected persistent id {saved_id!r:.80}")
-        _, dtype, key, _location, numel = saved_id
-        if not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+        _, storage_type, key, _location, numel = saved_id
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
             raise NotMappableError("malformed storage reference")
         if type(numel) is not int or numel < 0:
             raise NotMappableError("malformed storage size")
+        dtype = storage_type.dtype
         known = self.storages.get(key)
         if known is not None:
-            if known.dtype != dtype or known.numel() != numel:
+            if known.dtype != dtype or known.size != numel:
                 raise NotMappableError(f"storage {key} referenced with two dtypes or sizes")
             return known
         info = self.records.get(f"{self.prefix}data/{key}")
@@ -305,12 +332,12 @@ class _TorchZip:
         if info.file_size < numel * itemsize:
             raise NotMappableError(f"record of storage {key} is shorter than the storage")
         if numel == 0:
-            view = torch.empty((0,), dtype=dtype)
+            view = np.empty((0,), dtype=dtype)
         else:
             offset = self._data_offset(info)
             if (self.file.base + offset) % itemsize:
                 raise NotMappableError(f"storage {key} is misaligned")
-            view = torch.frombuffer(self.file._map, dtype=dtype, count=numel, offset=offset)
+            view = np.frombuffer(self.file._map, dtype=dtype, count=numel, offset=offset)
         self.storages[key] = view
         self.storage_ids.add(id(view))
         return view
@@ -324,9 +351,9 @@ class _TorchZip:
         requires_grad: object,
         backward_hooks: object,
         metadata: object = None,
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """`torch._utils._rebuild_tensor_v2` for plain dense tensors."""
-        if not isinstance(storage, torch.Tensor) or id(storage) not in self.storage_ids:
+        if not isinstance(storage, np.ndarray) or id(storage) not in self.storage_ids:
             raise NotMappableError("tensor rebuilt from something that is not a storage")
         if metadata or backward_hooks or not isinstance(requires_grad, bool):
             raise NotMappableError("tensor with metadata or hooks")
@@ -338,16 +365,43 @@ class _TorchZip:
             and all(type(s) is int for s in (*size, *stride))
         ):
             raise NotMappableError("malformed tensor geometry")
-        tensor = torch.empty((0,), dtype=storage.dtype)
-        # set_ checks the view against the storage's bounds.
-        return tensor.set_(storage.untyped_storage(), storage_offset, size, stride)
+        return strided_view(storage, storage_offset, size, stride)
 
     def rebuild_parameter(
         self, data: object, requires_grad: object, backward_hooks: object
-    ) -> torch.nn.Parameter:
-        if not isinstance(data, torch.Tensor) or backward_hooks:
+    ) -> np.ndarray:
+        if not isinstance(data, np.ndarray) or backward_hooks:
             raise NotMappableError("parameter with hooks")
-        return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
+        return data
+
+
+def strided_view(
+    storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+) -> np.ndarray:
+    """The tensor `storage[offset:]` viewed with torch's `size` and `stride` (in elements),
+    refused unless every element it reaches lies inside `storage`."""
+    if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise NotMappableError("negative tensor size, stride or offset")
+    numel = math.prod(size)
+    if numel == 0:
+        return np.empty(size, dtype=storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if last >= storage.size:
+        raise NotMappableError("tensor reaches past the end of its storage")
+    contiguous, expected = True, 1
+    for n, s in zip(reversed(size), reversed(stride), strict=True):
+        if n != 1 and s != expected:
+            contiguous = False
+        expected *= n
+    if contiguous:
+        return storage[offset : offset + numel].reshape(size)
+    itemsize = storage.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(
+        storage[offset:],
+        shape=size,
+        strides=tuple(s * itemsize for s in stride),
+        writeable=False,
+    )
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -365,7 +419,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch._utils" and name == "_rebuild_parameter":
             return self._archive.rebuild_parameter
         if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]  # a dtype: neither callable nor buildable
+            return _STORAGE_DTYPES[name]  # an inert marker: neither callable nor buildable
         raise NotMappableError(f"global {module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:

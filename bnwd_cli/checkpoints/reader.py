@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from bnwd_cli.checkpoints.arrays import from_torch, to_torch
 from bnwd_cli.checkpoints.formats import (
     CheckpointFormat,
     FileKind,
@@ -40,7 +41,7 @@ class TensorSource(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -48,17 +49,15 @@ class TensorSource(Protocol):
 class DictTensorSource:
     """Tensors of a loaded (memory-mapped) state dict, under normalized names."""
 
-    def __init__(
-        self, state_dict: Mapping[str, torch.Tensor], *, strip_common_prefix: bool
-    ) -> None:
-        tensor_keys = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor)]
+    def __init__(self, state_dict: Mapping[str, np.ndarray], *, strip_common_prefix: bool) -> None:
+        tensor_keys = [k for k, v in state_dict.items() if isinstance(v, np.ndarray)]
         mapping = normalize_keys(tensor_keys, strip_common_prefix=strip_common_prefix)
-        self._tensors: dict[str, torch.Tensor] | None = {
+        self._tensors: dict[str, np.ndarray] | None = {
             mapping[k]: state_dict[k] for k in tensor_keys
         }
         self.original_names = {mapping[k]: k for k in tensor_keys}
 
-    def _live(self) -> dict[str, torch.Tensor]:
+    def _live(self) -> dict[str, np.ndarray]:
         if self._tensors is None:
             raise RuntimeError("checkpoint already closed")
         return self._tensors
@@ -69,7 +68,7 @@ class DictTensorSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._live()[name].shape)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         return self._live()[name]
 
     def close(self) -> None:
@@ -107,10 +106,13 @@ class SafetensorsSource:
             return handle.entries[key].shape
         return tuple(handle.get_slice(key).get_shape())
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         index, key = self._owner[name]
+        handle = self._handles[index]
         try:
-            tensor: torch.Tensor = self._handles[index].get_tensor(key)
+            if isinstance(handle, SafetensorsFile):
+                return handle.get_tensor(key)
+            tensor = from_torch(handle.get_tensor(key))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 self._files[index], f"tensor '{key}' cannot be read ({exc})"
@@ -200,7 +202,7 @@ def open_checkpoint(
     payloads = [
         _load_payload(f, trust_pickle=trust_pickle, use_ema=use_ema) for f in ref.weight_files
     ]
-    merged: dict[str, torch.Tensor] = {}
+    merged: dict[str, np.ndarray] = {}
     for payload in payloads:
         merged.update(payload.state_dict)
     first = payloads[0]
@@ -243,11 +245,11 @@ def shard_files(index_file: Path) -> tuple[Path, ...]:
     return files
 
 
-def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
     """Load the model weights of one checkpoint (a file or a checkpoint folder), names normalized.
 
-    For callers that need the tensors themselves (e.g. to load trained weights into a model);
-    the analysis commands stream tensors through `open_checkpoint` instead.
+    For callers that need the tensors themselves (e.g. to load trained weights into a model):
+    torch tensors, copies. The analysis commands stream numpy views through `open_checkpoint`.
     """
     from bnwd_cli.checkpoints.discover import discover_run
 
@@ -255,7 +257,7 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
     if len(run.checkpoints) != 1:
         raise CheckpointError(path, f"holds {len(run.checkpoints)} checkpoints; name one file")
     with open_checkpoint(run.checkpoints[0], trust_pickle=trust_pickle) as ckpt:
-        return {name: ckpt.weights.get(name).clone() for name in ckpt.weights.names()}
+        return {name: to_torch(ckpt.weights.get(name)) for name in ckpt.weights.names()}
 
 
 def iter_open(

@@ -18,8 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from bnwd_cli.checkpoints.arrays import to_arrays
 from bnwd_cli.checkpoints.mapped import NotMappableError, load_torch_zip
 from bnwd_cli.errors import CheckpointError, UnsafeCheckpointError
 
@@ -64,8 +63,9 @@ def _short(exc: BaseException) -> str:
 def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
     """Load a `torch.save` file lazily (memory-mapped when it is a zip archive), safely.
 
-    Returns whatever object was saved, with harmless metadata objects replaced by placeholders
-    (see `unresolved_name`). Raises `CheckpointError` for unreadable files and
+    Returns whatever object was saved, with tensors as numpy arrays (`checkpoints.arrays`) and
+    harmless metadata objects replaced by placeholders (see `unresolved_name`). torch is only
+    imported for files the restricted reader of `checkpoints.mapped` does not take. Raises `CheckpointError` for unreadable files and
     `UnsafeCheckpointError` when only full unpickling could load it.
     """
     try:
@@ -91,6 +91,12 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
             raise CheckpointError(
                 path, "is a zip archive but not a PyTorch checkpoint (no data.pkl)"
             )
+    return to_arrays(_load_with_torch(path, zipped=zipped, trust_pickle=trust_pickle))
+
+
+def _load_with_torch(path: Path, *, zipped: bool, trust_pickle: bool) -> Any:
+    import torch
+
     if trust_pickle:
         return _load(path, weights_only=False, mmap=zipped)
     try:
@@ -136,7 +142,12 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
             ) from None
 
 
-CORRUPT_PICKLE_SIGNS = ("Unsupported operand", "String is too long")
+CORRUPT_PICKLE_SIGNS = (
+    "Unsupported operand",
+    "String is too long",
+    "Can only append to lists",
+    "unsupported persistent id",
+)
 """What the safe unpickler says about bytes that are no pickle at all (as opposed to a pickle of
 a class it will not build): such a file is corrupt, and --trust-pickle would not help."""
 
@@ -159,6 +170,8 @@ def _unpickler_reason(exc: BaseException) -> str:
 
 
 def _load(path: Path, *, weights_only: bool, mmap: bool) -> Any:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -180,6 +193,8 @@ def _load(path: Path, *, weights_only: bool, mmap: bool) -> Any:
         TypeError,
         IndexError,
         UnicodeDecodeError,
+        OverflowError,  # a length field past the address space (random bytes)
+        MemoryError,  # a length field that asks for more memory than there is
     ) as exc:
         # ImportError/AttributeError only arise with full unpickling (a class that moved).
         if weights_only and "weights_only" in str(exc):

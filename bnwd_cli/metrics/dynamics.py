@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from bnwd_cli.checkpoints import (
     CheckpointFormat,
@@ -24,6 +24,7 @@ from bnwd_cli.checkpoints import (
     discover_run,
     open_checkpoint,
 )
+from bnwd_cli.checkpoints.arrays import is_floating
 from bnwd_cli.checkpoints.mapped import release_pages
 from bnwd_cli.checkpoints.reader import DictTensorSource
 from bnwd_cli.errors import CheckpointError, UsageError
@@ -204,7 +205,7 @@ def analyze_run(
                 classification = classify_state_dict(
                     [
                         TensorEntry(
-                            n, current.weights.shape(n), current.weights.get(n).is_floating_point()
+                            n, current.weights.shape(n), is_floating(current.weights.get(n))
                         )
                         for n in names
                     ]
@@ -378,13 +379,13 @@ def _tied_aliases(ckpt: OpenCheckpoint, classification: ModelClassification) -> 
             tensor = ckpt.weights.get(p.name)
         except KeyError:
             continue
-        if tensor.numel() == 0:
+        if tensor.size == 0:
             continue
         key = (
-            tensor.untyped_storage().data_ptr(),
-            int(tensor.storage_offset()),
+            int(tensor.__array_interface__["data"][0]),
+            0,
             tuple(tensor.shape),
-            tuple(tensor.stride()),
+            tuple(tensor.strides),
         )
         if key in first:
             aliases[p.name] = first[key]
@@ -393,7 +394,7 @@ def _tied_aliases(ckpt: OpenCheckpoint, classification: ModelClassification) -> 
     return aliases
 
 
-def _unit_norm(stats_norm: float, row_norms: torch.Tensor | None, rows: int) -> float:
+def _unit_norm(stats_norm: float, row_norms: np.ndarray | None, rows: int) -> float:
     """Norm of the invariant unit: per-row layers use the root-mean-square row norm."""
     return stats_norm / math.sqrt(rows) if row_norms is not None else stats_norm
 
@@ -410,7 +411,7 @@ class _LayerAccumulator:
         self.last_hyper: ParamHyper | None = None
         self.notes: list[str] = []
         self.no_step: dict[str, str] = {}
-        self.last_row_sq: torch.Tensor | None = None
+        self.last_row_sq: np.ndarray | None = None
         """Per-row |w|^2 at the last checkpoint added (saves a sweep over the pair)."""
         """Why the optimizer state implied no step -> the first checkpoint where it did not."""
 
@@ -476,8 +477,8 @@ class _LayerAccumulator:
             previous_norm = self.points[-1].norm
             relative_step = stats.diff_norm / previous_norm if previous_norm > 0 else None
             if stats.row_angles is not None:
-                finite = stats.row_angles[torch.isfinite(stats.row_angles)]
-                angle = float(finite.square().mean().sqrt()) if finite.numel() else None
+                finite = stats.row_angles[np.isfinite(stats.row_angles)]
+                angle = float(np.sqrt(np.square(finite).mean())) if finite.size else None
             else:
                 angle = stats.angle
         implied = self._implied(
@@ -505,7 +506,7 @@ class _LayerAccumulator:
             row_min = float(stats.row_norms.min())
             row_max = float(stats.row_norms.max())
             mean = float(stats.row_norms.mean())
-            row_cv = float(stats.row_norms.std(unbiased=False)) / mean if mean > 0 else None
+            row_cv = float(stats.row_norms.std()) / mean if mean > 0 else None
         self.points.append(
             LayerPoint(
                 checkpoint=index,
@@ -538,7 +539,7 @@ class _LayerAccumulator:
 
     def _plan(
         self,
-        tensor: torch.Tensor,
+        tensor: np.ndarray,
         current: OpenCheckpoint,
         snapshot: OptimizerSnapshot | None,
         hyper: ParamHyper | None,
@@ -554,7 +555,7 @@ class _LayerAccumulator:
 
     def _implied(
         self,
-        tensor: torch.Tensor,
+        tensor: np.ndarray,
         current: OpenCheckpoint,
         snapshot: OptimizerSnapshot | None,
         hyper: ParamHyper | None,
@@ -578,7 +579,7 @@ class _LayerAccumulator:
             measured=measured,
         )
         if per_param is not None:
-            release_pages(*(v for v in per_param.values() if isinstance(v, torch.Tensor)))
+            release_pages(*(v for v in per_param.values() if isinstance(v, np.ndarray)))
         if isinstance(result, ImpliedStep):
             if result.approximation:
                 self.notes.append(f"implied per-step update approximate: {result.approximation}")

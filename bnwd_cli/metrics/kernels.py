@@ -12,10 +12,12 @@ there (a pure rescaling came out rotated, a vector flipped onto a tiny one not a
 How it runs (the streaming pass spends its time here; see benchmarks/bench_inspect.py):
 per row, four float64 sums are accumulated in one sweep over the pair, `|b|^2`, `|a|^2` (or
 taken from the previous call), `|d|^2` and `<d,a>` (b current, a previous, d = b - a), in
-cache-sized blocks: a block of each input is cast to float64 (exact for float32/16 and
+cache-sized blocks: a block of each input is widened to float64 (exact for float32/16 and
 bfloat16), `d` is subtracted in float64 (exact unless the exponents of a and b differ by more
-than 29), and a BLAS dot per row (`numpy.vecdot`) multiplies (exactly: a product of two float32
-values fits a float64) and accumulates in float64. No float64 copy of a whole tensor is made.
+than 29), and the products (exact: a product of two float32 values fits a float64) are
+accumulated in float64. No float64 copy of a whole tensor is made. The sweep is compiled
+(`_sweep.c`, built with the package, GIL released, a tensor split over all cores); where it is
+not built, or for dtypes it does not take, the same blocks go through numpy (`_sweep_numpy`).
 When the caller knows the step d directly (an optimizer's update), a is never formed: the sweep
 takes `<d,b>`, then `|a|^2 = |b|^2 - 2<d,b> + |d|^2` and `<d,a> = <d,b> - |d|^2`, which only
 cancel when a is much shorter than b (`PREV_TINY`; such rows are recomputed explicitly).
@@ -33,12 +35,18 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-import torch
+
+from bnwd_cli.checkpoints.arrays import as_array, tag_of, widened
+
+try:
+    from bnwd_cli.metrics import _sweep as _compiled  # type: ignore[attr-defined]
+except ImportError:  # not built (no C compiler at install time): the numpy sweep does the work
+    _compiled = None
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,13 @@ class TensorStats:
     norm: float
     sum_sq: float
     nonfinite: int
-    row_norms: torch.Tensor | None
+    row_norms: np.ndarray | None
     """Per-row norms (float64), for per-row invariant weights."""
     diff_norm: float | None = None
     angle: float | None = None
     """Whole-tensor angle between this and the previous checkpoint, radians."""
-    row_angles: torch.Tensor | None = None
-    row_sq: torch.Tensor | None = None
+    row_angles: np.ndarray | None = None
+    row_sq: np.ndarray | None = None
     """Per-row sums of squares (float64), to hand back as `previous_row_sq` with the next
     checkpoint: it saves one of the five sweeps over the pair."""
     previous_sum_sq: float | None = None
@@ -63,123 +71,175 @@ class TensorStats:
     """The figures for `with_step` (see `tensor_stats`)."""
 
 
-StepBlocks = Callable[[int, int, int, int, np.ndarray, np.ndarray, np.ndarray], None]
-"""A step computed block by block: `fill(r0, r1, c0, c1, current, out, scratch)` writes
-`current - previous` for rows [r0, r1) and columns [c0, c1) of the `as_rows` layout into the
-float64 block `out`; `current` holds the same block of the current tensor in float64, `scratch`
-is a float64 block of the same size to use freely. Called from worker threads."""
+LINEAR, ADAM = 1, 2
 
 
-def as_rows(t: torch.Tensor, per_row: bool) -> torch.Tensor:
-    if t.dim() == 0:
+@dataclass(frozen=True)
+class StepFormula:
+    """A step `w_t - w_{t-1}` known element-wise from an optimizer's state, never formed whole:
+
+    - `LINEAR`: `scale * x` (a given step: scale 1; heavy-ball SGD: `-lr * momentum_buffer`);
+    - `ADAM`: `scale * ((x / c1) / (sqrt(y) / rc2 + eps) + decay * w_t)`, with x the first and
+      y the second moment, in the order of operations of `torch.optim.Adam`.
+
+    `x` and `y` have the weight's shape. The compiled sweep evaluates it per block in C, the
+    numpy sweep with `fill`.
+    """
+
+    kind: int
+    x: np.ndarray
+    y: np.ndarray | None = None
+    scale: float = 1.0
+    c1: float = 1.0
+    rc2: float = 1.0
+    eps: float = 0.0
+    decay: float = 0.0
+
+    def rows(self, per_row: bool) -> StepFormula:
+        y = None if self.y is None else as_rows(self.y, per_row)
+        return replace(self, x=as_rows(self.x, per_row), y=y)
+
+    def fill(
+        self,
+        r0: int,
+        r1: int,
+        c0: int,
+        c1: int,
+        w: np.ndarray,
+        out: np.ndarray,
+        scratch: np.ndarray,
+    ) -> None:
+        """The step for rows [r0, r1), columns [c0, c1) of the rows layout, into the float64
+        block `out`; `w` holds the same block of the weight in float64."""
+        cast_block(out, self.x, r0, r1, c0, c1)
+        if self.kind == ADAM:
+            assert self.y is not None
+            cast_block(scratch, self.y, r0, r1, c0, c1)
+            np.sqrt(scratch, out=scratch)
+            scratch /= self.rc2
+            scratch += self.eps
+            out /= self.c1
+            out /= scratch
+            if self.decay:
+                out += self.decay * w
+        if self.scale != 1.0:
+            out *= self.scale
+
+    def evaluate(self, w: np.ndarray) -> np.ndarray:
+        """The whole step in float64 for the rows-layout weight `w` (rare paths)."""
+        rows, cols = w.shape
+        out, scratch = np.empty((rows, cols)), np.empty((rows, cols))
+        with np.errstate(all="ignore"):
+            self.fill(0, rows, 0, cols, w.astype(np.float64), out, scratch)
+        return out
+
+
+def as_rows(t: np.ndarray, per_row: bool) -> np.ndarray:
+    if t.ndim == 0:
         return t.reshape(1, 1)
-    return t.reshape(t.shape[0], -1) if per_row and t.dim() >= 2 else t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1) if per_row and t.ndim >= 2 else t.reshape(1, -1)
 
 
-def rotation_angle(prev: torch.Tensor, diff: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+def rotation_angle(prev: np.ndarray, diff: np.ndarray, cur: np.ndarray) -> np.ndarray:
     """Angle (radians) between each row of `prev` and of `cur = prev + diff` (float64 rows);
     NaN where either row is zero or not finite."""
-    prev_sq = (prev * prev).sum(dim=1)
-    cur_sq = (cur * cur).sum(dim=1)
+    with np.errstate(all="ignore"):
+        prev_sq = (prev * prev).sum(axis=1)
+        cur_sq = (cur * cur).sum(axis=1)
 
-    def across_prev(x: torch.Tensor) -> torch.Tensor:
-        return (x - ((x * prev).sum(dim=1) / prev_sq)[:, None] * prev).square().sum(dim=1).sqrt()
+        def across_prev(x: np.ndarray) -> np.ndarray:
+            coef = (x * prev).sum(axis=1) / prev_sq
+            return np.sqrt(np.square(x - coef[:, None] * prev).sum(axis=1))
 
-    # The part across `prev` is the same for the step and for `cur`; take it from the shorter
-    # of the two, whose rounding errors are the smaller.
-    across = torch.where((diff * diff).sum(dim=1) <= cur_sq, across_prev(diff), across_prev(cur))
-    along = (cur * prev).sum(dim=1) / prev_sq.sqrt()
-    angle = torch.atan2(across, along)
-    valid = (prev_sq > 0) & (cur_sq > 0) & torch.isfinite(angle)
-    return torch.where(valid, angle, torch.full_like(angle, float("nan")))
+        # The part across `prev` is the same for the step and for `cur`; take it from the
+        # shorter of the two, whose rounding errors are the smaller.
+        across = np.where((diff * diff).sum(axis=1) <= cur_sq, across_prev(diff), across_prev(cur))
+        along = (cur * prev).sum(axis=1) / np.sqrt(prev_sq)
+        angle = np.arctan2(across, along)
+    valid = (prev_sq > 0) & (cur_sq > 0) & np.isfinite(angle)
+    return np.where(valid, angle, np.nan)
 
 
 def tensor_stats(
-    current: torch.Tensor,
-    previous: torch.Tensor | None,
+    current: Any,
+    previous: Any | None,
     *,
     per_row: bool,
-    previous_row_sq: torch.Tensor | None = None,
-    step: torch.Tensor | StepBlocks | None = None,
-    with_step: StepBlocks | None = None,
+    previous_row_sq: np.ndarray | None = None,
+    step: Any | StepFormula | None = None,
+    with_step: StepFormula | None = None,
 ) -> TensorStats:
     """Norms of `current`; with `previous`, also the step and the angle between them.
 
+    Arrays are numpy arrays (torch tensors are taken too, and viewed as arrays).
     `previous_row_sq`: the `row_sq` of `previous` from an earlier call (optional, saves a sweep).
     `step`: `current - previous` as the caller knows it directly (e.g. from an optimizer's
     state, where forming `previous` first and subtracting again would lose a small step to
-    rounding), a tensor or a `StepBlocks`; given instead of `previous`, which is then
+    rounding), an array or a `StepFormula`; given instead of `previous`, which is then
     `current - step`.
     `with_step`: a second, known step of `current` (the optimizer's last one), measured in the
     same sweep over `current` (one read of it instead of two); its figures, as
     `tensor_stats(current, None, step=with_step)` gives them, are in `step_stats`.
     """
+    current = as_array(current)
+    previous = None if previous is None else as_array(previous)
+    if step is not None and not isinstance(step, StepFormula):
+        step = as_array(step)
     if step is not None:
         if previous is not None or with_step is not None:
             raise ValueError("give previous or step, and with_step only with previous")
-        if isinstance(step, torch.Tensor) and tuple(step.shape) != tuple(current.shape):
+        if isinstance(step, np.ndarray) and tuple(step.shape) != tuple(current.shape):
             raise ValueError(f"step shape {tuple(step.shape)} != {tuple(current.shape)}")
     elif previous is not None and tuple(previous.shape) != tuple(current.shape):
         raise ValueError(f"shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}")
-    tensors = [t for t in (current, previous, step) if isinstance(t, torch.Tensor)]
-    if not all(_fast_dtype(t) for t in tensors):
-        return _tensor_stats_slow(current, previous, step, with_step, per_row=per_row)
-    cur = as_rows(current.detach(), per_row)
+    # Integer or boolean tensors (rare: the pass measures floating-point ones) as float64.
+    current, previous = _as_floating(current), _as_floating(previous)
+    if isinstance(step, np.ndarray):
+        step = _as_floating(step)
+    cur = as_rows(current, per_row)
     rows = cur.shape[0]
+    extra = with_step.rows(per_row) if with_step is not None else None
     if previous is None and step is None:
-        if with_step is None:
+        if extra is None:
             return _stats_from_sums(cur, None, None, _row_sums(cur, None, None, need_prev_sq=False))
-        sums = _row_sums(cur, None, with_step, need_prev_sq=False)[:4]
-        norms = _stats_from_sums(cur, None, None, sums)
-        return replace(norms, step_stats=_stats_from_sums(cur, None, with_step, sums))
-    prev = as_rows(previous.detach(), per_row) if previous is not None else None
-    diff: torch.Tensor | StepBlocks | None = step
-    if isinstance(step, torch.Tensor):
-        diff = as_rows(step.detach(), per_row)
+        sums = _row_sums(cur, None, None, need_prev_sq=False, extra=extra)
+        norms = _stats_from_sums(cur, None, None, sums[:4])
+        step_sums = _derive_previous(sums, _EE, _EB)
+        return replace(norms, step_stats=_stats_from_sums(cur, None, extra, step_sums))
+    prev = as_rows(previous, per_row) if previous is not None else None
+    diff: np.ndarray | StepFormula | None = None
+    if isinstance(step, StepFormula):
+        diff = step.rows(per_row)
+    elif step is not None:
+        diff = as_rows(step, per_row)
     known_prev_sq = None
-    if prev is not None and previous_row_sq is not None and previous_row_sq.numel() == rows:
-        known_prev_sq = previous_row_sq.detach().cpu().to(torch.float64).reshape(-1).numpy()
-    total = _row_sums(cur, prev, diff, need_prev_sq=known_prev_sq is None, extra=with_step)
+    if prev is not None and previous_row_sq is not None and np.size(previous_row_sq) == rows:
+        known_prev_sq = np.asarray(previous_row_sq, dtype=np.float64).reshape(-1)
+    total = _row_sums(cur, prev, diff, need_prev_sq=known_prev_sq is None, extra=extra)
     if known_prev_sq is not None:
         total[_AA] = known_prev_sq
     stats = _stats_from_sums(cur, prev, diff, total[:4])
-    if with_step is None:
+    if extra is None:
         return stats
     step_sums = _derive_previous(total, _EE, _EB)
-    return replace(stats, step_stats=_stats_from_sums(cur, None, with_step, step_sums))
+    return replace(stats, step_stats=_stats_from_sums(cur, None, extra, step_sums))
 
 
-def _tensor_stats_slow(
-    current: torch.Tensor,
-    previous: torch.Tensor | None,
-    step: torch.Tensor | StepBlocks | None,
-    with_step: StepBlocks | None,
-    *,
-    per_row: bool,
-) -> TensorStats:
-    """Devices and dtypes the fast path does not take: whole float64 copies."""
-
-    def materialized(fill: StepBlocks) -> torch.Tensor:
-        return _materialize(as_rows(current.detach(), per_row), fill).reshape(current.shape)
-
-    if step is not None and not isinstance(step, torch.Tensor):
-        step = materialized(step)
-    stats = _tensor_stats_reference(current, previous, step, per_row=per_row)
-    if with_step is None:
-        return stats
-    extra = _tensor_stats_reference(current, None, materialized(with_step), per_row=per_row)
-    return replace(stats, step_stats=extra)
+def _as_floating(t: Any) -> Any:
+    if isinstance(t, np.ndarray) and t.dtype.kind != "f" and tag_of(t.dtype) is None:
+        return t.astype(np.float64)
+    return t
 
 
-# ----------------------------------------------------------------------------- fast path
+# ----------------------------------------------------------------------------- the sweep
 
 _BB, _AA, _DD, _DA, _EE, _EB = 0, 1, 2, 3, 4, 5
 _SUMS = 6
 CHUNK = 1 << 15
-"""Elements per block: one thread's float64 blocks (about 1 MiB) stay in its core's L2 cache.
-Measured: 2^16 is no faster, 2^17 slower; smaller blocks pay more per-call overhead."""
+"""Elements per block of the numpy sweep: one thread's float64 blocks (about 1 MiB) stay in its
+core's L2 cache. Measured: 2^16 is no faster, 2^17 slower; smaller blocks pay more per call."""
 PARALLEL_MIN = 1 << 18
-"""Tensors at least this large are split over the worker threads (BNWD_THREADS > 1)."""
+"""Tensors at least this large are split over the worker threads."""
 TAU = 1.0 / 16.0
 """Rows with across^2 < TAU |d|^2 (a step almost along the weight) take the explicit path."""
 PREV_TINY = 1e-6
@@ -189,36 +249,159 @@ SPLIT = 4096
 """A long row is dotted in pieces of this length: BLAS may start threads of its own for one
 long dot product, which fights the worker threads."""
 
-_NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16)
-_CASTABLE = (*_NUMPY_DTYPES, torch.bfloat16)
+# Element kinds of the compiled sweep.
+_KINDS = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+_BF16_KIND = 2
 
-_Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _local = threading.local()
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def _workers() -> int:
-    """Threads sharing one large tensor: BNWD_THREADS, default 1.
+def compiled() -> bool:
+    """Whether the compiled sweep is in use (BNWD_NO_COMPILED=1 turns it off)."""
+    return _compiled is not None and os.environ.get("BNWD_NO_COMPILED", "") in ("", "0")
 
-    Measured on 2 cores (benchmarks/bench_inspect.py): a second thread made the sweep slower,
-    not faster; each block is a handful of short numpy calls, and two threads spend the gain
-    handing the GIL back and forth. Larger blocks cut the hand-offs but fall out of the cache.
+
+def _workers(compiled_sweep: bool) -> int:
+    """Threads sharing one large tensor: BNWD_THREADS, else all cores for the compiled sweep
+    (it releases the GIL) and 1 for the numpy sweep.
+
+    Measured on 2 cores (benchmarks/bench_inspect.py): the compiled sweep of a ResNet-50-sized
+    pair takes 19 ms on one thread, 10 ms on two. A second thread made the numpy sweep slower:
+    each block is a handful of short numpy calls, and two threads spend the gain handing the
+    GIL back and forth.
     """
     setting = os.environ.get("BNWD_THREADS", "")
-    return int(setting) if setting.isdigit() and int(setting) > 0 else 1
+    if setting.isdigit() and int(setting) > 0:
+        return int(setting)
+    return _CORES if compiled_sweep else 1
 
 
-def _executor() -> ThreadPoolExecutor:
+_CORES = min(
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8
+)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="bnwd-kernel")
+        if _pool is None or _pool._max_workers < workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnwd-sweep")
         return _pool
 
 
-def _fast_dtype(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in _CASTABLE
+def _kind(t: np.ndarray | None) -> int | None:
+    """The compiled sweep's element kind of `t` (None: it does not take `t`)."""
+    if t is None:
+        return 0
+    if not t.flags.c_contiguous:
+        return None
+    if tag_of(t.dtype) == "bfloat16":
+        return _BF16_KIND
+    return _KINDS.get(t.dtype) if t.dtype.isnative else None
+
+
+def _spec(step: np.ndarray | StepFormula | None) -> tuple[Any, ...] | None:
+    if step is None:
+        return None
+    if isinstance(step, np.ndarray):
+        step = StepFormula(LINEAR, step)
+    y = step.y if step.y is not None else step.x
+    return (
+        step.kind, step.x, _kind(step.x), y, _kind(y),
+        step.scale, step.c1, step.rc2, step.eps, step.decay,
+    )  # fmt: skip
+
+
+def _takes_compiled(
+    b: np.ndarray,
+    a: np.ndarray | None,
+    d: np.ndarray | StepFormula | None,
+    extra: StepFormula | None,
+) -> bool:
+    if not compiled():
+        return False
+    inputs: list[np.ndarray | None] = [b, a]
+    for step in (d, extra):
+        if isinstance(step, StepFormula):
+            inputs += [step.x, step.y]
+        elif step is not None:
+            inputs.append(step)
+    return all(_kind(t) is not None for t in inputs)
+
+
+_Item = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
+
+
+def _split(rows: int, cols: int, parts: int) -> list[_Item]:
+    """The rows layout cut into `parts` rectangles of about equal size (by rows when there are
+    enough of them, else by columns of the single row)."""
+    if rows >= parts:
+        cuts = [rows * i // parts for i in range(parts + 1)]
+        return [(cuts[i], cuts[i + 1], 0, cols) for i in range(parts)]
+    if rows == 1:
+        cuts = [cols * i // parts for i in range(parts + 1)]
+        return [(0, 1, cuts[i], cuts[i + 1]) for i in range(parts)]
+    return [(r, r + 1, 0, cols) for r in range(rows)]
+
+
+def _row_sums(
+    b: np.ndarray,
+    a: np.ndarray | None,
+    d: np.ndarray | StepFormula | None,
+    *,
+    need_prev_sq: bool,
+    extra: StepFormula | None = None,
+) -> np.ndarray:
+    """Rows: |b|^2, |a|^2, |d|^2, <d,a> (with a given step d: <d,b> in the place of <d,a>, then
+    `_derive_previous`) and, with `extra`, |e|^2 and <e,b>."""
+    rows, cols = b.shape
+    use_compiled = _takes_compiled(b, a, d, extra)
+    workers = _workers(use_compiled)
+    if use_compiled:
+        args = (
+            b, _kind(b), a, _kind(a) if a is not None else 0,
+            _spec(d) if a is None else None, _spec(extra),
+        )  # fmt: skip
+
+        def run(item: _Item) -> np.ndarray:
+            assert _compiled is not None
+            out = np.zeros((_SUMS, rows))
+            _compiled.row_sums(out, rows, cols, *item, *args)
+            return out
+
+        parts = workers if b.size >= PARALLEL_MIN and workers > 1 else 1
+        items = _split(rows, cols, parts)
+        if len(items) == 1:
+            total = run(items[0])
+        else:
+            futures = [_executor(workers).submit(run, item) for item in items[1:]]
+            total = run(items[0])  # the caller takes a share
+            for future in futures:
+                total += future.result()
+    else:
+        items = _items(rows, cols)
+        sweep_args = (b, a, d, rows, need_prev_sq, extra)
+        if b.size < PARALLEL_MIN or workers == 1 or len(items) < 2:
+            total = _sweep_numpy(items, *sweep_args)
+        else:
+            share = -(-len(items) // workers)
+            shares = [items[i : i + share] for i in range(0, len(items), share)]
+            futures = [
+                _executor(workers).submit(_sweep_numpy, chunk, *sweep_args) for chunk in shares[1:]
+            ]
+            total = _sweep_numpy(shares[0], *sweep_args)
+            for future in futures:
+                total += future.result()
+    if a is None and d is not None:
+        total[:4] = _derive_previous(total, _DD, _DA)
+    return total
+
+
+# ----------------------------------------------------------------------------- numpy sweep
+
+_Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _blocks() -> _Blocks:
@@ -230,9 +413,6 @@ def _blocks() -> _Blocks:
         _local.blocks = fresh
         return fresh
     return blocks
-
-
-_Item = tuple[int, int, int, int]  # rows [r0, r1), columns [c0, c1)
 
 
 def _items(rows: int, cols: int) -> list[_Item]:
@@ -267,26 +447,22 @@ def _vecdot_rows_into(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
 
 
 # numpy >= 2: a BLAS dot per row, about 40% faster than einsum's loop.
-_dot_rows: Callable[[np.ndarray, np.ndarray], np.ndarray] = getattr(np, "vecdot", _einsum_rows)
+_dot_rows = getattr(np, "vecdot", _einsum_rows)
 _dot_rows_into = _vecdot_rows_into if hasattr(np, "vecdot") else _einsum_rows_into
 
 
-def _sweep(
+def _sweep_numpy(
     items: list[_Item],
-    b: torch.Tensor,
-    a: torch.Tensor | None,
-    d: torch.Tensor | StepBlocks | None,
+    b: np.ndarray,
+    a: np.ndarray | None,
+    d: np.ndarray | StepFormula | None,
     rows: int,
     need_prev_sq: bool,
-    extra: StepBlocks | None = None,
+    extra: StepFormula | None = None,
 ) -> np.ndarray:
-    """Row sums over `items` (one thread's share): |b|^2, |a|^2, |d|^2, <d,a> (with a given
-    step d: <d,b> in place of <d,a>) and, for an `extra` step e, |e|^2 and <e,b>."""
+    """Row sums over `items` (one thread's share), as the compiled sweep computes them."""
     out = np.zeros((_SUMS, rows))
     buf_b, buf_a, buf_d, buf_e, spare, tmp = _blocks()
-    src_b, src_a = block_source(b), (block_source(a) if a is not None else None)
-    src_d = block_source(d) if isinstance(d, torch.Tensor) else None
-    fill = d if d is not None and not isinstance(d, torch.Tensor) else None
     cols = b.shape[1]
     with np.errstate(all="ignore"):  # NaN/Inf in a checkpoint are counted, not warned about
         for r0, r1, c0, c1 in items:
@@ -299,29 +475,28 @@ def _sweep(
             if not whole_rows:
                 sums[:] = 0.0
             blk_b = buf_b[:n].reshape(m, width)
-            cast_block(blk_b, src_b, r0, r1, c0, c1)
+            cast_block(blk_b, b, r0, r1, c0, c1)
             _row_dot(blk_b, blk_b, sums[_BB])
             blk_d = buf_d[:n].reshape(m, width)
-            if src_a is not None:
+            if a is not None:
                 blk_a = buf_a[:n].reshape(m, width)
-                cast_block(blk_a, src_a, r0, r1, c0, c1)
+                cast_block(blk_a, a, r0, r1, c0, c1)
                 np.subtract(blk_b, blk_a, out=blk_d)
                 if need_prev_sq:
                     _row_dot(blk_a, blk_a, sums[_AA])
                 _row_dot(blk_d, blk_d, sums[_DD])
                 _row_dot(blk_d, blk_a, sums[_DA])
             elif d is not None:
-                if src_d is not None:
-                    cast_block(blk_d, src_d, r0, r1, c0, c1)
+                if isinstance(d, StepFormula):
+                    d.fill(r0, r1, c0, c1, blk_b, blk_d, spare[:n].reshape(m, width))
                 else:
-                    assert fill is not None
-                    fill(r0, r1, c0, c1, blk_b, blk_d, spare[:n].reshape(m, width))
+                    cast_block(blk_d, d, r0, r1, c0, c1)
                 # a = b - d is never formed: <d,b> here, |a|^2 and <d,a> after the sweep
                 _row_dot(blk_d, blk_d, sums[_DD])
                 _row_dot(blk_d, blk_b, sums[_DA])
             if extra is not None:
                 blk_e = buf_e[:n].reshape(m, width)
-                extra(r0, r1, c0, c1, blk_b, blk_e, spare[:n].reshape(m, width))
+                extra.fill(r0, r1, c0, c1, blk_b, blk_e, spare[:n].reshape(m, width))
                 _row_dot(blk_e, blk_e, sums[_EE])
                 _row_dot(blk_e, blk_b, sums[_EB])
             if not whole_rows:  # a piece of a long row: add up
@@ -329,84 +504,36 @@ def _sweep(
     return out
 
 
+def cast_block(out: np.ndarray, src: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> None:
+    """Copy rows [r0, r1), columns [c0, c1) of a rows-layout array into the float64 block `out`,
+    exactly (float16/32/64, bfloat16 and float8 values are all float64 values)."""
+    np.copyto(out, widened(src[r0:r1, c0:c1]), casting="safe")
+
+
 def _derive_previous(total: np.ndarray, dd: int, db: int) -> np.ndarray:
     """The four sums for (b, a = b - d) from |b|^2, |d|^2 and <d,b> (rows `dd`, `db`):
     |a|^2 = |b|^2 - 2<d,b> + |d|^2 and <d,a> = <d,b> - |d|^2. They cancel only when a is much
     shorter than b; `_derived_prev_inexact` finds those rows."""
     sums = np.empty((4, total.shape[1]))
-    sums[_BB] = total[_BB]
-    sums[_AA] = total[_BB] - 2.0 * total[db] + total[dd]
-    sums[_DD] = total[dd]
-    sums[_DA] = total[db] - total[dd]
+    with np.errstate(all="ignore"):  # non-finite checkpoints are counted, not warned about
+        sums[_BB] = total[_BB]
+        sums[_AA] = total[_BB] - 2.0 * total[db] + total[dd]
+        sums[_DD] = total[dd]
+        sums[_DA] = total[db] - total[dd]
     return sums
 
 
-_Source = np.ndarray | torch.Tensor
+# ----------------------------------------------------------------------------- figures
 
 
-def block_source(t: torch.Tensor) -> _Source:
-    """What `cast_block` reads from: a numpy view of a CPU tensor where numpy has its dtype
-    (slicing that is cheaper than slicing the tensor), else the tensor."""
-    return t.numpy() if t.dtype in _NUMPY_DTYPES else t
-
-
-def cast_block(out: np.ndarray, src: _Source, r0: int, r1: int, c0: int, c1: int) -> None:
-    """Copy rows [r0, r1), columns [c0, c1) of a `block_source` into the float64 block `out`,
-    exactly (float32/16, bfloat16 and float64 values are all float64 values)."""
-    if isinstance(src, np.ndarray):
-        np.copyto(out, src[r0:r1, c0:c1], casting="safe")
-    else:
-        torch.from_numpy(out).copy_(src[r0:r1, c0:c1])
-
-
-def _row_sums(
-    b: torch.Tensor,
-    a: torch.Tensor | None,
-    d: torch.Tensor | StepBlocks | None,
-    *,
-    need_prev_sq: bool,
-    extra: StepBlocks | None = None,
-) -> np.ndarray:
-    """Rows: |b|^2, |a|^2, |d|^2, <d,a> (a = b - d with a given step) and, with `extra`,
-    |e|^2, <e,b> (see `_derive_previous`)."""
-    rows, cols = b.shape
-    items = _items(rows, cols)
-    workers = _workers()
-    args = (b, a, d, rows, need_prev_sq, extra)
-    if b.numel() < PARALLEL_MIN or workers == 1 or len(items) < 2:
-        total = _sweep(items, *args)
-    else:
-        share = -(-len(items) // workers)
-        shares = [items[i : i + share] for i in range(0, len(items), share)]
-        futures = [_executor().submit(_sweep, chunk, *args) for chunk in shares[1:]]
-        total = _sweep(shares[0], *args)  # the caller takes a share
-        for future in futures:
-            total += future.result()
-    if a is None and d is not None:
-        total[:4] = _derive_previous(total, _DD, _DA)
-    return total
-
-
-def _materialize(cur: torch.Tensor, fill: StepBlocks) -> torch.Tensor:
-    """The whole step of a `StepBlocks` as one float64 tensor in the rows layout (rare paths)."""
-    rows, cols = cur.shape
-    full = np.empty((rows, cols))
-    spare = np.empty((rows, cols))
-    current = np.empty((rows, cols))
-    cast_block(current, block_source(cur), 0, rows, 0, cols)
-    with np.errstate(all="ignore"):
-        for r0, r1, c0, c1 in _items(rows, cols):
-            fill(
-                r0, r1, c0, c1,
-                current[r0:r1, c0:c1], full[r0:r1, c0:c1], spare[r0:r1, c0:c1],
-            )  # fmt: skip
-    return torch.from_numpy(full)
+def _float64(rows: np.ndarray) -> np.ndarray:
+    return widened(rows).astype(np.float64)
 
 
 def _stats_from_sums(
-    cur: torch.Tensor,
-    prev: torch.Tensor | None,
-    step: torch.Tensor | StepBlocks | None,
+    cur: np.ndarray,
+    prev: np.ndarray | None,
+    step: np.ndarray | StepFormula | None,
     sums: np.ndarray,
 ) -> TensorStats:
     rows = cur.shape[0]
@@ -414,21 +541,21 @@ def _stats_from_sums(
     with np.errstate(all="ignore"):
         sum_sq = float(row_sq.sum())
     finite = math.isfinite(sum_sq)
-    nonfinite = 0 if finite else int((~torch.isfinite(cur)).sum())
+    nonfinite = 0 if finite else int((~np.isfinite(widened(cur))).sum())
     norm = math.sqrt(sum_sq) if finite else float("nan")
-    row_norms = torch.from_numpy(np.sqrt(row_sq)) if rows > 1 else None
+    row_norms = np.sqrt(row_sq) if rows > 1 else None
     if prev is None and step is None:
-        return TensorStats(norm, sum_sq, nonfinite, row_norms, row_sq=torch.from_numpy(row_sq))
-    previous_rows: torch.Tensor | None = None
+        return TensorStats(norm, sum_sq, nonfinite, row_norms, row_sq=row_sq)
+    previous_rows: np.ndarray | None = None
     if prev is None:
         inexact = _derived_prev_inexact(sums)
         if inexact.any():
             previous_rows = _previous_rows(cur, prev, step)
-            index = torch.from_numpy(np.flatnonzero(inexact))
+            index = np.flatnonzero(inexact)
             sums[:, inexact] = _explicit_sums(cur[index], previous_rows[index])
-    whole = sums.sum(axis=1, keepdims=True)
-    angle = float(_angles(whole)[0])
-    if _needs_explicit(whole)[0]:
+    whole = sums.sum(axis=1, keepdims=True) if rows > 1 else sums
+    angle, explicit = _whole_angle(*(float(v) for v in whole[:4, 0]))
+    if explicit:
         previous_rows = _previous_rows(cur, prev, step)
         angle = float(_explicit_angles(cur.reshape(1, -1), previous_rows.reshape(1, -1))[0])
     row_angles = None
@@ -438,9 +565,9 @@ def _stats_from_sums(
         if redo.any():
             if previous_rows is None:
                 previous_rows = _previous_rows(cur, prev, step)
-            index = torch.from_numpy(np.flatnonzero(redo))
+            index = np.flatnonzero(redo)
             angles[redo] = _explicit_angles(cur[index], previous_rows[index])
-        row_angles = torch.from_numpy(angles)
+        row_angles = angles
     diff_sq = float(whole[_DD, 0])
     return TensorStats(
         norm,
@@ -450,20 +577,21 @@ def _stats_from_sums(
         diff_norm=math.sqrt(diff_sq) if diff_sq >= 0 else float("nan"),
         angle=angle,
         row_angles=row_angles,
-        row_sq=torch.from_numpy(row_sq),
+        row_sq=row_sq,
         previous_sum_sq=float(whole[_AA, 0]),
     )
 
 
 def _previous_rows(
-    cur: torch.Tensor, prev: torch.Tensor | None, step: torch.Tensor | StepBlocks | None
-) -> torch.Tensor:
+    cur: np.ndarray, prev: np.ndarray | None, step: np.ndarray | StepFormula | None
+) -> np.ndarray:
     if prev is not None:
         return prev
     assert step is not None
-    if not isinstance(step, torch.Tensor):
-        step = _materialize(cur, step)
-    return cur.to(torch.float64) - step.to(torch.float64)
+    with np.errstate(all="ignore"):
+        if isinstance(step, StepFormula):
+            return _float64(cur) - step.evaluate(_float64(cur))
+        return _float64(cur) - _float64(step)
 
 
 def _angles(sums: np.ndarray) -> np.ndarray:
@@ -475,6 +603,18 @@ def _angles(sums: np.ndarray) -> np.ndarray:
         angle = np.arctan2(across, along)
     valid = (aa > 0) & (bb > 0) & np.isfinite(angle)
     return np.where(valid, angle, np.nan)
+
+
+def _whole_angle(bb: float, aa: float, dd: float, da: float) -> tuple[float, bool]:
+    """`_angles` and `_needs_explicit` of one row, in plain floats (most tensors are small:
+    numpy's per-call cost would dominate)."""
+    if not (aa > 0.0 and bb > 0.0 and math.isfinite(bb)):
+        return math.nan, False
+    across_sq = dd - da * da / aa
+    if not math.isfinite(across_sq):
+        return math.nan, False
+    angle = math.atan2(math.sqrt(max(across_sq, 0.0)), (aa + da) / math.sqrt(aa))
+    return angle, dd > bb or across_sq < TAU * dd
 
 
 def _needs_explicit(sums: np.ndarray) -> np.ndarray:
@@ -494,57 +634,16 @@ def _derived_prev_inexact(sums: np.ndarray) -> np.ndarray:
         return np.isfinite(bb) & (bb > 0) & ~(aa >= PREV_TINY * bb)
 
 
-def _explicit_sums(cur_rows: torch.Tensor, prev_rows: torch.Tensor) -> np.ndarray:
+def _explicit_sums(cur_rows: np.ndarray, prev_rows: np.ndarray) -> np.ndarray:
     """The four row sums from whole float64 rows (the few rows that need it)."""
-    b = cur_rows.to(torch.float64)
-    a = prev_rows.to(torch.float64)
-    d = b - a
-    return torch.stack([(b * b).sum(1), (a * a).sum(1), (d * d).sum(1), (d * a).sum(1)]).numpy()
+    b = _float64(cur_rows)
+    a = _float64(prev_rows)
+    with np.errstate(all="ignore"):
+        d = b - a
+        return np.stack([(b * b).sum(1), (a * a).sum(1), (d * d).sum(1), (d * a).sum(1)])
 
 
-def _explicit_angles(cur_rows: torch.Tensor, prev_rows: torch.Tensor) -> np.ndarray:
-    prev = prev_rows.to(torch.float64)
-    cur = cur_rows.to(torch.float64)
-    return rotation_angle(prev, cur - prev, cur).numpy()
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def _tensor_stats_reference(
-    current: torch.Tensor,
-    previous: torch.Tensor | None,
-    step: torch.Tensor | None,
-    *,
-    per_row: bool,
-) -> TensorStats:
-    """Whole-tensor float64 copies (for devices and dtypes the fast path does not take)."""
-    cur = as_rows(current.detach(), per_row).to(torch.float64)
-    row_sq = (cur * cur).sum(dim=1)
-    sum_sq = float(row_sq.sum())
-    nonfinite = 0 if math.isfinite(sum_sq) else int((~torch.isfinite(cur)).sum())
-    norm = math.sqrt(sum_sq) if math.isfinite(sum_sq) else float("nan")
-    row_norms = row_sq.sqrt() if per_row and cur.shape[0] > 1 else None
-    if previous is None and step is None:
-        return TensorStats(norm, sum_sq, nonfinite, row_norms, row_sq=row_sq.cpu())
-    if previous is not None:
-        prev = as_rows(previous.detach(), per_row).to(torch.float64)
-        diff = cur - prev
-    else:
-        assert step is not None
-        diff = as_rows(step.detach(), per_row).to(torch.float64)
-        prev = cur - diff
-    diff_sq = (diff * diff).sum()
-    angle = float(rotation_angle(prev.reshape(1, -1), diff.reshape(1, -1), cur.reshape(1, -1))[0])
-    row_angles = rotation_angle(prev, diff, cur) if row_norms is not None else None
-    return TensorStats(
-        norm,
-        sum_sq,
-        nonfinite,
-        row_norms,
-        diff_norm=float(diff_sq.sqrt()),
-        angle=angle,
-        row_angles=row_angles,
-        row_sq=row_sq.cpu(),
-        previous_sum_sq=float((prev * prev).sum()),
-    )
+def _explicit_angles(cur_rows: np.ndarray, prev_rows: np.ndarray) -> np.ndarray:
+    prev = _float64(prev_rows)
+    cur = _float64(cur_rows)
+    return rotation_angle(prev, cur - prev, cur)

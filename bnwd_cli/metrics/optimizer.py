@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import torch
-
 
 class OptimizerFamily(StrEnum):
     SGD = "SGD"
@@ -259,7 +257,8 @@ def _state_shape(state: Mapping[str, Any], pid: int) -> Shape | None:
     if per_param is None:
         return None
     for value in per_param.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
+        # numpy arrays from a checkpoint, or torch tensors from an API caller's state_dict()
+        if not isinstance(value, str | bytes) and len(getattr(value, "shape", ())) > 0:
             return tuple(value.shape)
     return None
 

@@ -34,16 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from bnwd_cli.metrics.kernels import (
-    StepBlocks,
-    TensorStats,
-    as_rows,
-    block_source,
-    cast_block,
-    tensor_stats,
-)
+from bnwd_cli.checkpoints.arrays import as_array, is_floating, widened
+from bnwd_cli.metrics.kernels import ADAM, LINEAR, StepFormula, TensorStats, as_rows, tensor_stats
 from bnwd_cli.metrics.optimizer import OptimizerFamily, ParamHyper
 
 
@@ -69,19 +62,32 @@ class NoImpliedStep:
     reason: str
 
 
-def _scalar(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().reshape(-1)[0]) if value.numel() else None
-    if isinstance(value, int | float):
-        return float(value)
-    return None
-
-
-def _tensor(per_param: Mapping[str, Any], key: str, like: torch.Tensor) -> torch.Tensor | None:
-    value = per_param.get(key)
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(like.shape):
+def _array(value: Any) -> np.ndarray | None:
+    """A state entry as an array (torch tensors from API callers too); None for other values."""
+    if value is None or isinstance(value, int | float | str | bool):
         return None
-    return value.detach().to(torch.float64)
+    try:
+        return as_array(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float | np.number):
+        return float(value)
+    array = _array(value)
+    if array is None or array.size == 0:
+        return None
+    return float(widened(array).reshape(-1)[0])
+
+
+def _tensor(per_param: Mapping[str, Any], key: str, like: np.ndarray) -> np.ndarray | None:
+    value = _array(per_param.get(key))
+    if value is None or tuple(value.shape) != tuple(like.shape) or not is_floating(value):
+        return None
+    return widened(value).astype(np.float64)
 
 
 def nesterov_noise_factor(momentum: float, dampening: float = 0.0) -> float:
@@ -91,26 +97,28 @@ def nesterov_noise_factor(momentum: float, dampening: float = 0.0) -> float:
     return math.sqrt(ratio)
 
 
-def _split_along(vector: torch.Tensor, weight: torch.Tensor, per_row: bool) -> torch.Tensor:
+def _split_along(vector: np.ndarray, weight: np.ndarray, per_row: bool) -> np.ndarray:
     """The component of `vector` along `weight`, per invariant unit (row or whole tensor)."""
     v, w = as_rows(vector, per_row), as_rows(weight, per_row)
-    w_sq = (w * w).sum(dim=1, keepdim=True)
-    coef = torch.where(w_sq > 0, (v * w).sum(dim=1, keepdim=True) / w_sq, torch.zeros_like(w_sq))
+    w_sq = (w * w).sum(axis=1, keepdims=True)
+    with np.errstate(all="ignore"):
+        coef = np.where(w_sq > 0, (v * w).sum(axis=1, keepdims=True) / w_sq, 0.0)
     return (coef * w).reshape(vector.shape)
 
 
 def previous_weight(
-    weight: torch.Tensor,
+    weight: Any,
     per_param: Mapping[str, Any] | None,
     hyper: ParamHyper,
     family: OptimizerFamily,
     *,
     per_row: bool = False,
-) -> tuple[torch.Tensor, bool, str | None, int | None] | NoImpliedStep:
+) -> tuple[np.ndarray, bool, str | None, int | None] | NoImpliedStep:
     """`w_{t-1}` (float64), whether it is exact, what approximation was made, Adam's step count."""
     if per_param is None:
         return NoImpliedStep("the optimizer state has no entry for this parameter (never stepped?)")
-    w = weight.detach().to(torch.float64)
+    weight = as_array(weight)
+    w = widened(weight).astype(np.float64)
     lr, wd = hyper.lr, hyper.weight_decay
     if not math.isfinite(lr):
         return NoImpliedStep("the optimizer group has no lr")
@@ -154,7 +162,7 @@ def previous_weight(
         correction1 = 1.0 - beta1**step
         correction2 = 1.0 - beta2**step
         # torch: denom = sqrt(v) / sqrt(1 - beta2^t) + eps; step size lr / (1 - beta1^t)
-        update = (exp_avg / correction1) / (second.sqrt() / math.sqrt(correction2) + eps)
+        update = (exp_avg / correction1) / (np.sqrt(second) / math.sqrt(correction2) + eps)
         before = w + lr * update
         exact = not notes
         if family is OptimizerFamily.ADAMW:
@@ -173,33 +181,26 @@ def previous_weight(
     return NoImpliedStep(f"no update model for optimizer family '{family.value}'")
 
 
-def _state_rows(
-    per_param: Mapping[str, Any], key: str, weight: torch.Tensor, per_row: bool
-) -> torch.Tensor | None:
-    value = per_param.get(key)
-    if (
-        not isinstance(value, torch.Tensor)
-        or tuple(value.shape) != tuple(weight.shape)
-        or value.device.type != "cpu"
-        or value.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    ):
+def _state_array(per_param: Mapping[str, Any], key: str, weight: np.ndarray) -> np.ndarray | None:
+    value = _array(per_param.get(key))
+    if value is None or tuple(value.shape) != tuple(weight.shape) or not is_floating(value):
         return None
-    return as_rows(value.detach(), per_row)
+    return value
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """How to compute the last step block by block (see `plan_step`)."""
 
-    fill: StepBlocks
-    """Writes `w_t - w_{t-1}` for a block of the weight (`kernels.StepBlocks`)."""
+    fill: StepFormula
+    """`w_t - w_{t-1}` element-wise, for the sweep to evaluate block by block."""
     exact: bool
     approximation: str | None
     optimizer_step: int | None
 
 
 def plan_step(
-    weight: torch.Tensor,
+    weight: Any,
     per_param: Mapping[str, Any] | None,
     hyper: ParamHyper,
     family: OptimizerFamily,
@@ -217,32 +218,21 @@ def plan_step(
     lr, wd = hyper.lr, hyper.weight_decay
     if per_param is None or not math.isfinite(lr) or (lr == 0.0 and hyper.scheduled):
         return None
-    if weight.device.type != "cpu":
-        return None
+    weight = as_array(weight)
     notes = ["an LR scheduler ran: the stored lr may be the next step's"] if hyper.scheduled else []
     if family.is_sgd and not hyper.nesterov:
-        buf_rows = _state_rows(per_param, "momentum_buffer", weight, per_row)
-        if buf_rows is None:
+        buf = _state_array(per_param, "momentum_buffer", weight)
+        if buf is None:
             return None
-        buf = block_source(buf_rows)
-
-        def sgd_step(
-            r0: int, r1: int, c0: int, c1: int, _w: np.ndarray, out: np.ndarray, _s: np.ndarray
-        ) -> None:
-            cast_block(out, buf, r0, r1, c0, c1)  # w_t = w_{t-1} - lr buf
-            out *= -lr
-
+        sgd_step = StepFormula(LINEAR, buf, scale=-lr)  # w_t = w_{t-1} - lr buf
         return StepPlan(sgd_step, not notes, "; ".join(notes) or None, None)
     if not family.is_adam:
         return None
-    exp_avg_rows = _state_rows(per_param, "exp_avg", weight, per_row)
-    second_rows = _state_rows(
-        per_param, "max_exp_avg_sq" if hyper.amsgrad else "exp_avg_sq", weight, per_row
-    )
+    exp_avg = _state_array(per_param, "exp_avg", weight)
+    second = _state_array(per_param, "max_exp_avg_sq" if hyper.amsgrad else "exp_avg_sq", weight)
     count = _scalar(per_param.get("step"))
-    if exp_avg_rows is None or second_rows is None or count is None or count < 1:
+    if exp_avg is None or second is None or count is None or count < 1:
         return None
-    exp_avg, second = block_source(exp_avg_rows), block_source(second_rows)
     beta1, beta2 = hyper.betas or (0.9, 0.999)
     eps = hyper.eps if hyper.eps is not None else 1e-8
     correction1 = 1.0 - beta1**count
@@ -262,26 +252,16 @@ def plan_step(
             "lr*weight_decay"
         )
 
-    def adam_step(
-        r0: int, r1: int, c0: int, c1: int, w: np.ndarray, out: np.ndarray, scratch: np.ndarray
-    ) -> None:
-        # u = (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps), as torch.optim.Adam
-        cast_block(out, exp_avg, r0, r1, c0, c1)
-        cast_block(scratch, second, r0, r1, c0, c1)
-        np.sqrt(scratch, out=scratch)
-        scratch /= root_correction2
-        scratch += eps
-        out /= correction1
-        out /= scratch
-        if decay:
-            out += decay * w
-        out *= scale
-
+    # u = (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps), as torch.optim.Adam
+    adam_step = StepFormula(
+        ADAM, exp_avg, second, scale=scale, c1=correction1, rc2=root_correction2, eps=eps,
+        decay=decay,
+    )  # fmt: skip
     return StepPlan(adam_step, exact, "; ".join(notes) or None, round(count))
 
 
 def implied_step(
-    weight: torch.Tensor,
+    weight: Any,
     per_param: Mapping[str, Any] | None,
     hyper: ParamHyper,
     family: OptimizerFamily,
@@ -296,6 +276,7 @@ def implied_step(
     `tensor_stats(weight, ..., with_step=plan.fill)` that already swept the weight (the
     streaming pass measures both steps in one read of it).
     """
+    weight = as_array(weight)
     if plan is None:
         plan = plan_step(weight, per_param, hyper, family, per_row=per_row)
     if plan is not None:
@@ -310,12 +291,12 @@ def implied_step(
             return before
         previous, exact, approximation, step = before
         stats = tensor_stats(weight, previous, per_row=per_row)
-        previous_norm = float(previous.square().sum().sqrt())
+        previous_norm = float(np.sqrt(np.square(previous).sum()))
     if stats.diff_norm is None or previous_norm == 0.0:
         return NoImpliedStep("the weight before the last step is zero")
     if stats.row_angles is not None:
-        finite = stats.row_angles[torch.isfinite(stats.row_angles)]
-        angle = float(finite.square().mean().sqrt()) if finite.numel() else None
+        finite = stats.row_angles[np.isfinite(stats.row_angles)]
+        angle = float(np.sqrt(np.square(finite).mean())) if finite.size else None
     else:
         angle = stats.angle if stats.angle is not None and math.isfinite(stats.angle) else None
     return ImpliedStep(

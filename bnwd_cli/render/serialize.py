@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 
 def to_data(value: Any) -> Any:
@@ -33,7 +33,7 @@ def to_data(value: Any) -> Any:
         return {str(k): to_data(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [to_data(v) for v in value]
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, np.ndarray | np.generic):
         return to_data(value.tolist())
     return value
 

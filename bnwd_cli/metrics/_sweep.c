@@ -1,0 +1,330 @@
+/*
+ * The sweep of the streaming pass, compiled: per-row float64 sums over a pair of checkpoint
+ * tensors (and the optimizer's last step), in one read of each input.
+ *
+ * `bnwd_cli.metrics.kernels` calls `row_sums` on a rectangle of the rows layout of a tensor; it is
+ * the same computation as the numpy sweep there (`_sweep_numpy`, the fallback when this module
+ * is not built), without its float64 copies of every block and its Python calls per block. The
+ * GIL is released, so the worker threads run on all cores while the pages of the memory-mapped
+ * checkpoint files are faulted in.
+ *
+ * Inputs are float32, float64 or bfloat16 (kind 0, 1, 2), C-contiguous, each element widened
+ * to float64 exactly. Per row it accumulates
+ *   sums[BB] |b|^2, sums[AA] |a|^2, sums[DD] |d|^2, sums[DA] <d,a>      (a given: d = b - a)
+ *   sums[DD] |d|^2, sums[DA] <d,b>                                       (a step d given instead)
+ *   sums[EE] |e|^2, sums[EB] <e,b>                                       (an extra step e)
+ * where a step is "linear", scale * x, or "adam",
+ *   scale * ((x / c1) / (sqrt(y) / rc2 + eps) + decay * b),
+ * in the order of operations of torch.optim.Adam (and of the numpy fallback). Products of
+ * float32 values are exact in float64; each row's sums are added in blocks of BLOCK elements
+ * over four independent partial sums, then the blocks added up.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
+enum { BB, AA, DD, DA, EE, EB, NSUMS };
+enum { KIND_F32 = 0, KIND_F64 = 1, KIND_BF16 = 2 };
+enum { STEP_NONE = 0, STEP_LINEAR = 1, STEP_ADAM = 2 };
+
+#define BLOCK 512
+
+typedef struct {
+    const void *ptr;
+    int kind;
+} source;
+
+typedef struct {
+    int kind;
+    source x, y;
+    double scale, c1, rc2, eps, decay;
+} step_spec;
+
+INLINE void widen(double *restrict out, const source *src, Py_ssize_t start, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    switch (src->kind) {
+    case KIND_F32: {
+        const float *restrict p = (const float *)src->ptr + start;
+        for (i = 0; i < n; i++)
+            out[i] = (double)p[i];
+        break;
+    }
+    case KIND_F64:
+        memcpy(out, (const double *)src->ptr + start, (size_t)n * sizeof(double));
+        break;
+    default: { /* bfloat16: the upper half of a float32 */
+        const uint16_t *restrict p = (const uint16_t *)src->ptr + start;
+        for (i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)p[i] << 16;
+            float value;
+            memcpy(&value, &bits, sizeof value);
+            out[i] = (double)value;
+        }
+        break;
+    }
+    }
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+typedef double v4d __attribute__((vector_size(32), aligned(8)));
+INLINE v4d load4(const double *p)
+{
+    v4d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+INLINE double hsum(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+#define VECTORS 1
+#else
+#define VECTORS 0
+#endif
+
+/* s[0] += |x|^2, s[1] += |y|^2, s[2] += |x-y|^2, s[3] += <x-y, y> over n elements. */
+INLINE void pair_sums(double *s, const double *restrict x, const double *restrict y,
+                      Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    double xx = 0.0, yy = 0.0, dd = 0.0, dy = 0.0;
+#if VECTORS
+    v4d vxx = {0}, vyy = {0}, vdd = {0}, vdy = {0};
+    for (; i + 4 <= n; i += 4) {
+        v4d vx = load4(x + i), vy = load4(y + i), vd = vx - vy;
+        vxx += vx * vx;
+        vyy += vy * vy;
+        vdd += vd * vd;
+        vdy += vd * vy;
+    }
+    xx = hsum(vxx), yy = hsum(vyy), dd = hsum(vdd), dy = hsum(vdy);
+#endif
+    for (; i < n; i++) {
+        double d = x[i] - y[i];
+        xx += x[i] * x[i];
+        yy += y[i] * y[i];
+        dd += d * d;
+        dy += d * y[i];
+    }
+    s[0] += xx, s[1] += yy, s[2] += dd, s[3] += dy;
+}
+
+/* s[0] += |x|^2, s[1] += <x, y> over n elements. */
+INLINE void self_cross(double *s, const double *restrict x, const double *restrict y,
+                       Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    double xx = 0.0, xy = 0.0;
+#if VECTORS
+    v4d vxx = {0}, vxy = {0}, wxx = {0}, wxy = {0};
+    for (; i + 8 <= n; i += 8) {
+        v4d vx = load4(x + i), vy = load4(y + i), ux = load4(x + i + 4), uy = load4(y + i + 4);
+        vxx += vx * vx;
+        vxy += vx * vy;
+        wxx += ux * ux;
+        wxy += ux * uy;
+    }
+    xx = hsum(vxx + wxx), xy = hsum(vxy + wxy);
+#endif
+    for (; i < n; i++) {
+        xx += x[i] * x[i];
+        xy += x[i] * y[i];
+    }
+    s[0] += xx, s[1] += xy;
+}
+
+/* Write the step of `spec` for elements [start, start + n) into `out` (b: the current block). */
+INLINE void fill_step(double *restrict out, double *restrict scratch, const step_spec *spec,
+                      const double *restrict b, Py_ssize_t start, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    widen(out, &spec->x, start, n);
+    if (spec->kind == STEP_LINEAR) {
+        if (spec->scale != 1.0)
+            for (i = 0; i < n; i++)
+                out[i] *= spec->scale;
+        return;
+    }
+    widen(scratch, &spec->y, start, n);
+    for (i = 0; i < n; i++) {
+        double denom = sqrt(scratch[i]) / spec->rc2 + spec->eps;
+        double u = out[i] / spec->c1 / denom;
+        if (spec->decay != 0.0)
+            u += spec->decay * b[i];
+        out[i] = u * spec->scale;
+    }
+}
+
+#if (defined(__GNUC__) && !defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
+/* One copy of the sweep for CPUs with AVX2 and FMA, chosen at load time (GCC ifunc). */
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+static void sweep(double *restrict sums, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t r0,
+                  Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const source *b, const source *a,
+                  const step_spec *main_step, const step_spec *extra)
+{
+    double vb[BLOCK], va[BLOCK], vd[BLOCK], ve[BLOCK], spare[BLOCK];
+    Py_ssize_t r, c;
+    for (r = r0; r < r1; r++) {
+        double row[NSUMS] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        for (c = c0; c < c1; c += BLOCK) {
+            Py_ssize_t n = c1 - c < BLOCK ? c1 - c : BLOCK;
+            Py_ssize_t start = r * cols + c;
+            double pair[4] = {0.0, 0.0, 0.0, 0.0};
+            widen(vb, b, start, n);
+            if (a != NULL) {
+                widen(va, a, start, n);
+                pair_sums(pair, vb, va, n); /* |b|^2, |a|^2, |b-a|^2, <b-a, a> */
+                row[BB] += pair[0], row[AA] += pair[1], row[DD] += pair[2], row[DA] += pair[3];
+            } else if (main_step != NULL) {
+                fill_step(vd, spare, main_step, vb, start, n);
+                self_cross(pair, vd, vb, n); /* |d|^2, <d,b> */
+                self_cross(pair + 2, vb, vb, n);
+                row[DD] += pair[0], row[DA] += pair[1], row[BB] += pair[2];
+            } else {
+                self_cross(pair, vb, vb, n);
+                row[BB] += pair[0];
+            }
+            if (extra != NULL) {
+                double e[2] = {0.0, 0.0};
+                fill_step(ve, spare, extra, vb, start, n);
+                self_cross(e, ve, vb, n);
+                row[EE] += e[0], row[EB] += e[1];
+            }
+        }
+        for (c = 0; c < NSUMS; c++)
+            sums[c * rows + r] += row[c];
+    }
+}
+
+/* A buffer argument: None, or a C-contiguous buffer of at least `need` elements of `kind`. */
+static int get_source(PyObject *obj, int kind, Py_ssize_t need, Py_buffer *view, source *out,
+                      const char *what)
+{
+    Py_ssize_t itemsize;
+    if (kind < KIND_F32 || kind > KIND_BF16) {
+        PyErr_Format(PyExc_ValueError, "%s: unknown element kind %d", what, kind);
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    itemsize = kind == KIND_F64 ? 8 : (kind == KIND_F32 ? 4 : 2);
+    if (view->len < need * itemsize) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "%s: buffer of %zd bytes is shorter than %zd elements",
+                     what, view->len, need);
+        return -1;
+    }
+    out->ptr = view->buf;
+    out->kind = kind;
+    return 0;
+}
+
+/* row_sums(out, rows, cols, r0, r1, c0, c1, b, b_kind, a, a_kind, main, extra)
+ * out: writable float64 buffer of NSUMS * rows (the sums are added to it);
+ * a: None or the previous tensor; main / extra: None or
+ *   (step kind, x, x kind, y or None, y kind, scale, c1, rc2, eps, decay). */
+static PyObject *row_sums(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *out_obj, *b_obj, *a_obj, *main_obj, *extra_obj;
+    Py_ssize_t rows, cols, r0, r1, c0, c1, need;
+    int b_kind, a_kind;
+    Py_buffer views[6];
+    int nviews = 0, k, failed = 0;
+    Py_buffer out_view;
+    source b, a;
+    step_spec specs[2];
+    step_spec *main_step = NULL, *extra = NULL;
+    PyObject *spec_objs[2];
+
+    if (!PyArg_ParseTuple(args, "OnnnnnnOiOiOO", &out_obj, &rows, &cols, &r0, &r1, &c0, &c1,
+                          &b_obj, &b_kind, &a_obj, &a_kind, &main_obj, &extra_obj))
+        return NULL;
+    if (rows < 0 || cols < 0 || r0 < 0 || r1 > rows || r0 > r1 || c0 < 0 || c1 > cols || c0 > c1) {
+        PyErr_SetString(PyExc_ValueError, "block outside the tensor");
+        return NULL;
+    }
+    need = rows * cols;
+    if (PyObject_GetBuffer(out_obj, &out_view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (out_view.len < (Py_ssize_t)(NSUMS * rows * sizeof(double))) {
+        PyBuffer_Release(&out_view);
+        PyErr_SetString(PyExc_ValueError, "out is shorter than 6 x rows float64 values");
+        return NULL;
+    }
+    if (get_source(b_obj, b_kind, need, &views[nviews], &b, "b") < 0)
+        goto fail;
+    nviews++;
+    if (a_obj != Py_None) {
+        if (get_source(a_obj, a_kind, need, &views[nviews], &a, "a") < 0)
+            goto fail;
+        nviews++;
+    }
+    spec_objs[0] = main_obj;
+    spec_objs[1] = extra_obj;
+    for (k = 0; k < 2; k++) {
+        PyObject *x_obj, *y_obj;
+        int x_kind, y_kind;
+        step_spec *spec = &specs[k];
+        if (spec_objs[k] == Py_None)
+            continue;
+        if (!PyArg_ParseTuple(spec_objs[k], "iOiOiddddd", &spec->kind, &x_obj, &x_kind, &y_obj,
+                              &y_kind, &spec->scale, &spec->c1, &spec->rc2, &spec->eps,
+                              &spec->decay))
+            goto fail;
+        if (spec->kind != STEP_LINEAR && spec->kind != STEP_ADAM) {
+            PyErr_Format(PyExc_ValueError, "unknown step kind %d", spec->kind);
+            goto fail;
+        }
+        if (get_source(x_obj, x_kind, need, &views[nviews], &spec->x, "step x") < 0)
+            goto fail;
+        nviews++;
+        if (spec->kind == STEP_ADAM) {
+            if (get_source(y_obj, y_kind, need, &views[nviews], &spec->y, "step y") < 0)
+                goto fail;
+            nviews++;
+        }
+        if (k == 0)
+            main_step = spec;
+        else
+            extra = spec;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    sweep((double *)out_view.buf, rows, cols, r0, r1, c0, c1, &b,
+          a_obj != Py_None ? &a : NULL, a_obj != Py_None ? NULL : main_step, extra);
+    Py_END_ALLOW_THREADS
+    goto done;
+fail:
+    failed = 1;
+done:
+    for (k = 0; k < nviews; k++)
+        PyBuffer_Release(&views[k]);
+    PyBuffer_Release(&out_view);
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"row_sums", row_sums, METH_VARARGS,
+     "row_sums(out, rows, cols, r0, r1, c0, c1, b, b_kind, a, a_kind, main, extra): add the "
+     "per-row float64 sums of a block to out (see bnwd_cli.metrics.kernels)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_sweep", "Compiled sweep of the streaming pass (see kernels.py).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__sweep(void)
+{
+    return PyModule_Create(&module);
+}
