@@ -214,6 +214,8 @@ def plan_step(
     float64 blocks, instead of float64 copies of whole tensors; the step is taken directly
     (`-lr buf`, `-lr u`), never as a difference of two nearly equal weights. None: anything
     else (no state, Nesterov, a missing or odd tensor), for which `previous_weight` decides.
+    `per_row` does not change the plan (the formula is element-wise; `tensor_stats` lays it
+    out in rows); it is accepted so that the call mirrors `previous_weight`.
     """
     lr, wd = hyper.lr, hyper.weight_decay
     if per_param is None or not math.isfinite(lr) or (lr == 0.0 and hyper.scheduled):
