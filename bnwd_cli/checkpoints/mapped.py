@@ -259,9 +259,6 @@ class _StorageType:
     def __init__(self, dtype: np.dtype[Any]) -> None:
         self.dtype = dtype
 
-    def __reduce__(self) -> Any:
-        raise TypeError("not picklable")
-
 
 _STORAGE_ELEMENTS: dict[str, np.dtype[Any] | str] = {
     "DoubleStorage": "float64",

@@ -370,7 +370,7 @@ def _tied_aliases(ckpt: OpenCheckpoint, classification: ModelClassification) -> 
     """
     if not isinstance(ckpt.weights, DictTensorSource):
         return {}
-    first: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    first: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
     aliases: dict[str, str] = {}
     for p in classification.params:
         if is_buffer_name(p.name):
@@ -383,7 +383,6 @@ def _tied_aliases(ckpt: OpenCheckpoint, classification: ModelClassification) -> 
             continue
         key = (
             int(tensor.__array_interface__["data"][0]),
-            0,
             tuple(tensor.shape),
             tuple(tensor.strides),
         )
