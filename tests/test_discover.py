@@ -421,3 +421,36 @@ def test_labels_are_relative_to_the_run_folder(tmp_path: Path) -> None:
         "lightning_logs/version_0/checkpoints/epoch=0-step=2.ckpt",
         "lightning_logs/version_0/checkpoints/epoch=0-step=4.ckpt",
     ]
+
+
+# --------------------------------------------------------------------------- outline reads
+
+
+def test_step_stored_as_a_tensor_is_read_by_the_outline_load(tmp_path: Path) -> None:
+    """Discovery reads torch files in outline (large tensors left unread); a step or epoch saved
+    as a 0-d tensor is small, so it is still read, and orders the run."""
+    paths = []
+    for step, name in zip([300, 100, 200], ["a.pt", "b.pt", "c.pt"], strict=True):
+        path = tmp_path / name
+        torch.save({"model": STATES[0], "step": torch.tensor(step), "epoch": torch.tensor(7)}, path)
+        paths.append(path)
+    run = discover_run(tmp_path)
+    assert run.order_source is OrderSource.STEP_METADATA
+    assert [c.step for c in run.checkpoints] == [100, 200, 300]
+    assert [c.label for c in run.checkpoints] == ["b.pt", "c.pt", "a.pt"]
+    assert {c.epoch for c in run.checkpoints} == {7}
+
+
+def test_outline_load_leaves_large_tensors_unread(tmp_path: Path) -> None:
+    from bnwd_cli.checkpoints.mapped import OUTLINE_MAX, load_torch_zip
+
+    big = torch.arange(OUTLINE_MAX + 1, dtype=torch.float64)
+    small = torch.arange(OUTLINE_MAX, dtype=torch.int32)
+    path = tmp_path / "x.pt"
+    torch.save({"big": big, "small": small, "step": torch.tensor(5)}, path)
+    outline = load_torch_zip(path, outline=True)
+    whole = load_torch_zip(path)
+    assert outline["big"].size == 0 and outline["big"].dtype == whole["big"].dtype
+    assert outline["small"].tolist() == whole["small"].tolist() == list(range(OUTLINE_MAX))
+    assert int(outline["step"]) == 5
+    assert whole["big"].tolist() == big.tolist()

@@ -17,6 +17,7 @@ import bnwd_cli.metrics.dynamics as dynamics
 from bnwd_cli.errors import CheckpointError, UsageError
 from bnwd_cli.graph.classes import ParamKind
 from bnwd_cli.metrics.dynamics import InspectOptions, LayerDynamics, RunDynamics, analyze_run
+from bnwd_cli.metrics.kernels import WINDOW
 
 PER_ROW = {"conv1.weight", "conv2.weight"}
 """The conv weights feed BatchNorms: invariant per output row (THEORY.md section 1)."""
@@ -315,16 +316,28 @@ class HandleCounter:
         monkeypatch.setattr(dynamics, "open_checkpoint", counting_open)
 
 
-def test_at_most_two_checkpoints_open_and_all_closed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("fmt", "most"), [("torch", WINDOW + 1), ("legacy", 2)])
+def test_open_checkpoints_bounded_and_all_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, most: int
 ) -> None:
-    write_run(tmp_path, training_states(6))
+    """Mapped checkpoints are swept WINDOW at a time (plus the one before); a legacy file, read
+    into memory, is swept with only the one before it open."""
+    count = 2 * WINDOW + 3
+    states = training_states(count)
+    write_run(tmp_path, states, fmt=fmt)
     counter = HandleCounter(monkeypatch)
     report = analyze_run(tmp_path)
-    assert len(report.checkpoints) == 6
-    assert counter.opened == 6
-    assert counter.most == 2
+    assert len(report.checkpoints) == count
+    assert counter.opened == count
+    assert counter.most == most
     assert counter.open == 0
+    # every interval measured, across window boundaries too (float64 reference)
+    name = "conv1.weight"
+    layer = next(layer for layer in report.layers if layer.name == name)
+    for k in range(1, count):
+        a, b = states[k - 1][name].double(), states[k][name].double()
+        expected = float((b - a).norm() / a.norm())
+        assert layer.points[k].relative_step == pytest.approx(expected, rel=1e-12)
 
 
 def test_checkpoints_closed_when_analysis_fails(
@@ -334,7 +347,7 @@ def test_checkpoints_closed_when_analysis_fails(
     states[2]["conv1.weight"] = torch.randn(4, 3, 5, 5)
     write_run(tmp_path, states)
     counter = HandleCounter(monkeypatch)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"step_300\.pt.*conv1\.weight"):
         analyze_run(tmp_path)
-    assert counter.opened == 3
+    assert counter.opened >= 3  # the window reads ahead of the failing checkpoint
     assert counter.open == 0

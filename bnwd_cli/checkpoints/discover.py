@@ -282,7 +282,8 @@ def _file_candidate(
         fmt = CheckpointFormat.SAFETENSORS
         name_step, name_epoch = _name_position(file.name)
     else:
-        loaded = load_torch_file(file, trust_pickle=trust_pickle)
+        # only what the file holds and its step are needed here: the pass reads it whole
+        loaded = load_torch_file(file, trust_pickle=trust_pickle, outline=True)
         if is_optimizer_state(loaded):
             if skipped is not None:
                 skipped.append(SkippedFile(file, "optimizer state only, no model weights"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 WRAPPER_COMPONENTS = frozenset(
@@ -48,7 +49,12 @@ def normalize_keys(keys: Iterable[str], *, strip_common_prefix: bool = False) ->
     its network under an attribute (`self.model = ...`), so every key starts with `model.`.
     Names that would collide after stripping are kept as they were.
     """
-    originals = list(keys)
+    return dict(_normalized(tuple(keys), strip_common_prefix))
+
+
+@functools.lru_cache(maxsize=8)
+def _normalized(originals: tuple[str, ...], strip_common_prefix: bool) -> dict[str, str]:
+    """`normalize_keys`, remembered: every checkpoint of a run has the same keys."""
     stripped = [strip_wrapper_prefixes(k) for k in originals]
     if strip_common_prefix and len(stripped) > 0:
         head = common_first_component(stripped)

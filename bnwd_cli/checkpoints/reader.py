@@ -8,6 +8,7 @@ that path does not take falls back to `torch.load(mmap=True)` and `safe_open`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -87,11 +88,7 @@ class SafetensorsSource:
             handle = self._handles[-1]
             for key in handle.keys():  # noqa: SIM118 (safe_open handles have no __iter__)
                 owner[key] = (index, key)
-        mapping = normalize_keys(owner)
-        # safetensors stores keys sorted as strings (`features.10` before `features.2`); numeric
-        # components in numeric order give back the module order of a Sequential / ModuleList,
-        # which the state-dict heuristic reads. (Named siblings stay alphabetical: lost order.)
-        ordered = sorted(owner, key=lambda k: _natural_key(mapping[k]))
+        mapping, ordered = _key_order(tuple(owner))
         self._owner = {mapping[k]: owner[k] for k in ordered}
         self._files = files
         self.original_names = {mapping[k]: k for k in ordered}
@@ -121,6 +118,17 @@ class SafetensorsSource:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+@functools.lru_cache(maxsize=4)
+def _key_order(keys: tuple[str, ...]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Normalized names of a safetensors checkpoint's keys, and the keys in module order
+    (remembered: every checkpoint of a run has the same keys)."""
+    mapping = normalize_keys(keys)
+    # safetensors stores keys sorted as strings (`features.10` before `features.2`); numeric
+    # components in numeric order give back the module order of a Sequential / ModuleList,
+    # which the state-dict heuristic reads. (Named siblings stay alphabetical: lost order.)
+    return mapping, tuple(sorted(keys, key=lambda k: _natural_key(mapping[k])))
 
 
 def _natural_key(name: str) -> list[tuple[int, int, str]]:
@@ -166,6 +174,9 @@ class OpenCheckpoint:
     _trust_pickle: bool = False
     notes: tuple[str, ...] = ()
     has_ema: bool = False
+    memory_mapped: bool = True
+    """Its tensors are views of mapped files (cheap to keep open: only the pages read count),
+    not copies in memory (legacy, non-zip torch files)."""
     _optimizer_loaded: bool = field(default=False, repr=False)
 
     @property
@@ -216,6 +227,8 @@ def open_checkpoint(
         _trust_pickle=trust_pickle,
         notes=first.notes,
         has_ema=first.ema_key is not None,
+        memory_mapped=kinds == {FileKind.TORCH_ZIP}
+        and (ref.optimizer_file is None or sniff(ref.optimizer_file) is FileKind.TORCH_ZIP),
     )
 
 

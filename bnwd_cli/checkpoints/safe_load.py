@@ -60,13 +60,14 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
+def load_torch_file(path: Path, *, trust_pickle: bool = False, outline: bool = False) -> Any:
     """Load a `torch.save` file lazily (memory-mapped when it is a zip archive), safely.
 
     Returns whatever object was saved, with tensors as numpy arrays (`checkpoints.arrays`) and
     harmless metadata objects replaced by placeholders (see `unresolved_name`). torch is only
-    imported for files the restricted reader of `checkpoints.mapped` does not take. Raises `CheckpointError` for unreadable files and
-    `UnsafeCheckpointError` when only full unpickling could load it.
+    imported for files the restricted reader of `checkpoints.mapped` does not take. Raises
+    `CheckpointError` for unreadable files and `UnsafeCheckpointError` when only full unpickling
+    could load it. `outline`: see `mapped.load_torch_zip` (files it does not take load whole).
     """
     try:
         zipped = is_torch_zip(path)
@@ -76,7 +77,7 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
         # The common case (state dicts, optimizer states, plain values) without torch.load's
         # Python unpickler; anything else, or any problem, is left to torch.load below.
         try:
-            return load_torch_zip(path)
+            return load_torch_zip(path, outline=outline)
         except NotMappableError:
             pass
         try:

@@ -2,7 +2,9 @@
  * The sweep of the streaming pass, compiled: per-row float64 sums over a pair of checkpoint
  * tensors (and the optimizer's last step), in one read of each input.
  *
- * `bnwd_cli.metrics.kernels` calls `row_sums` on a rectangle of the rows layout of a tensor; it is
+ * `bnwd_cli.metrics.kernels` calls `window_sums` on a rectangle of the rows layout of one tensor
+ * at several consecutive checkpoints (each block read once, the pairs' sums from it), and
+ * `row_sums` on a rectangle of one tensor (and its previous value or a known step); it is
  * the same computation as the numpy sweep there (`_sweep_numpy`, the fallback when this module
  * is not built), without its float64 copies of every block and its Python calls per block. The
  * GIL is released, so the worker threads run on all cores while the pages of the memory-mapped
@@ -17,7 +19,8 @@
  *   scale * ((x / c1) / (sqrt(y) / rc2 + eps) + decay * b),
  * in the order of operations of torch.optim.Adam (and of the numpy fallback). Products of
  * float32 values are exact in float64; each row's sums are added in blocks of BLOCK elements
- * over four independent partial sums, then the blocks added up.
+ * over 16 independent partial sums (two vectors of eight), then the blocks added up. GCC
+ * `target_clones` builds AVX-512 and AVX2 copies of the sweeps, picked at load time.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -75,35 +78,40 @@ INLINE void widen(double *restrict out, const source *src, Py_ssize_t start, Py_
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-typedef double v4d __attribute__((vector_size(32), aligned(8)));
-INLINE v4d load4(const double *p)
+/* Eight doubles: one AVX-512 register, two AVX2 or four SSE2 ones, whichever the clone has. */
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
+INLINE v8d load8(const double *p)
 {
-    v4d v;
+    v8d v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-INLINE double hsum(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+INLINE double hsum(v8d v)
+{
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
 #define VECTORS 1
 #else
 #define VECTORS 0
 #endif
 
-/* s[0] += |x|^2, s[1] += |y|^2, s[2] += |x-y|^2, s[3] += <x-y, y> over n elements. */
+/* s[0] += |x|^2, s[1] += |y|^2, s[2] += |x-y|^2, s[3] += <x-y, y> over n elements. Two sets of
+ * accumulators, so that the additions of one do not wait on the latency of the other's. */
 INLINE void pair_sums(double *s, const double *restrict x, const double *restrict y,
                       Py_ssize_t n)
 {
     Py_ssize_t i = 0;
     double xx = 0.0, yy = 0.0, dd = 0.0, dy = 0.0;
 #if VECTORS
-    v4d vxx = {0}, vyy = {0}, vdd = {0}, vdy = {0};
-    for (; i + 4 <= n; i += 4) {
-        v4d vx = load4(x + i), vy = load4(y + i), vd = vx - vy;
-        vxx += vx * vx;
-        vyy += vy * vy;
-        vdd += vd * vd;
-        vdy += vd * vy;
+    v8d vxx = {0}, vyy = {0}, vdd = {0}, vdy = {0};
+    v8d wxx = {0}, wyy = {0}, wdd = {0}, wdy = {0};
+    for (; i + 16 <= n; i += 16) {
+        v8d vx = load8(x + i), vy = load8(y + i), vd = vx - vy;
+        v8d ux = load8(x + i + 8), uy = load8(y + i + 8), ud = ux - uy;
+        vxx += vx * vx, vyy += vy * vy, vdd += vd * vd, vdy += vd * vy;
+        wxx += ux * ux, wyy += uy * uy, wdd += ud * ud, wdy += ud * uy;
     }
-    xx = hsum(vxx), yy = hsum(vyy), dd = hsum(vdd), dy = hsum(vdy);
+    xx = hsum(vxx + wxx), yy = hsum(vyy + wyy), dd = hsum(vdd + wdd), dy = hsum(vdy + wdy);
 #endif
     for (; i < n; i++) {
         double d = x[i] - y[i];
@@ -122,13 +130,11 @@ INLINE void self_cross(double *s, const double *restrict x, const double *restri
     Py_ssize_t i = 0;
     double xx = 0.0, xy = 0.0;
 #if VECTORS
-    v4d vxx = {0}, vxy = {0}, wxx = {0}, wxy = {0};
-    for (; i + 8 <= n; i += 8) {
-        v4d vx = load4(x + i), vy = load4(y + i), ux = load4(x + i + 4), uy = load4(y + i + 4);
-        vxx += vx * vx;
-        vxy += vx * vy;
-        wxx += ux * ux;
-        wxy += ux * uy;
+    v8d vxx = {0}, vxy = {0}, wxx = {0}, wxy = {0};
+    for (; i + 16 <= n; i += 16) {
+        v8d vx = load8(x + i), vy = load8(y + i), ux = load8(x + i + 8), uy = load8(y + i + 8);
+        vxx += vx * vx, vxy += vx * vy;
+        wxx += ux * ux, wxy += ux * uy;
     }
     xx = hsum(vxx + wxx), xy = hsum(vxy + wxy);
 #endif
@@ -163,7 +169,7 @@ INLINE void fill_step(double *restrict out, double *restrict scratch, const step
 
 #if (defined(__GNUC__) && !defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
 /* One copy of the sweep for CPUs with AVX2 and FMA, chosen at load time (GCC ifunc). */
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 static void sweep(double *restrict sums, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t r0,
                   Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, const source *b, const source *a,
@@ -203,6 +209,82 @@ static void sweep(double *restrict sums, Py_ssize_t rows, Py_ssize_t cols, Py_ss
     }
 }
 
+#define MAX_WINDOW 64
+
+#if (defined(__GNUC__) && !defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+/* The pairs (t[k], t[k+1]) of n + 1 consecutive checkpoints of one tensor, block by block: each
+ * block of every checkpoint is read and widened once, and is the "previous" block of the next
+ * pair while it is still in the core's cache. t[0] may be NULL (no previous checkpoint: pair 0
+ * has |b|^2 only). sums: n x NSUMS x rows, pair k's sums at sums[(k * NSUMS + s) * rows + r]. */
+static void window_sweep(double *restrict sums, Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols,
+                         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                         const source *t, const step_spec *const *extras)
+{
+    double bufs[2][BLOCK], ve[BLOCK], spare[BLOCK];
+    double row[MAX_WINDOW][NSUMS];
+    Py_ssize_t r, c, k;
+    int s;
+    for (r = r0; r < r1; r++) {
+        memset(row, 0, (size_t)n * sizeof row[0]);
+        for (c = c0; c < c1; c += BLOCK) {
+            Py_ssize_t len = c1 - c < BLOCK ? c1 - c : BLOCK;
+            Py_ssize_t start = r * cols + c;
+            int have_prev = t[0].ptr != NULL, cur = 0;
+            if (have_prev)
+                widen(bufs[1], &t[0], start, len);
+            for (k = 0; k < n; k++) {
+                double *vb = bufs[cur], *va = bufs[1 - cur];
+                double pair[4] = {0.0, 0.0, 0.0, 0.0};
+                widen(vb, &t[k + 1], start, len);
+                if (have_prev) {
+                    pair_sums(pair, vb, va, len);
+                    row[k][BB] += pair[0], row[k][AA] += pair[1];
+                    row[k][DD] += pair[2], row[k][DA] += pair[3];
+                } else {
+                    self_cross(pair, vb, vb, len);
+                    row[k][BB] += pair[0];
+                }
+                if (extras[k] != NULL) {
+                    double e[2] = {0.0, 0.0};
+                    fill_step(ve, spare, extras[k], vb, start, len);
+                    self_cross(e, ve, vb, len);
+                    row[k][EE] += e[0], row[k][EB] += e[1];
+                }
+                have_prev = 1;
+                cur = 1 - cur;
+            }
+        }
+        for (k = 0; k < n; k++)
+            for (s = 0; s < NSUMS; s++)
+                sums[(k * NSUMS + s) * rows + r] += row[k][s];
+    }
+}
+
+/* Rows [r0, r1) and columns [c0, c1) lie inside a rows x cols tensor (else ValueError, 0). */
+static int block_inside(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t r0, Py_ssize_t r1,
+                        Py_ssize_t c0, Py_ssize_t c1)
+{
+    if (rows < 0 || cols < 0 || r0 < 0 || r1 > rows || r0 > r1 || c0 < 0 || c1 > cols || c0 > c1) {
+        PyErr_SetString(PyExc_ValueError, "block outside the tensor");
+        return 0;
+    }
+    return 1;
+}
+
+/* Release the buffers a call took; its result (None, or NULL when it failed). */
+static PyObject *finish(Py_buffer *views, int nviews, Py_buffer *out_view, int failed)
+{
+    int k;
+    for (k = 0; k < nviews; k++)
+        PyBuffer_Release(&views[k]);
+    PyBuffer_Release(out_view);
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* A buffer argument: None, or a C-contiguous buffer of at least `need` elements of `kind`. */
 static int get_source(PyObject *obj, int kind, Py_ssize_t need, Py_buffer *view, source *out,
                       const char *what)
@@ -223,6 +305,31 @@ static int get_source(PyObject *obj, int kind, Py_ssize_t need, Py_buffer *view,
     }
     out->ptr = view->buf;
     out->kind = kind;
+    return 0;
+}
+
+/* A step spec tuple (kind, x, x kind, y or None, y kind, scale, c1, rc2, eps, decay) into
+ * `spec`, its buffers into views[*nviews...] (released by the caller). */
+static int get_spec(PyObject *obj, Py_ssize_t need, Py_buffer *views, int *nviews,
+                    step_spec *spec)
+{
+    PyObject *x_obj, *y_obj;
+    int x_kind, y_kind;
+    if (!PyArg_ParseTuple(obj, "iOiOiddddd", &spec->kind, &x_obj, &x_kind, &y_obj, &y_kind,
+                          &spec->scale, &spec->c1, &spec->rc2, &spec->eps, &spec->decay))
+        return -1;
+    if (spec->kind != STEP_LINEAR && spec->kind != STEP_ADAM) {
+        PyErr_Format(PyExc_ValueError, "unknown step kind %d", spec->kind);
+        return -1;
+    }
+    if (get_source(x_obj, x_kind, need, &views[*nviews], &spec->x, "step x") < 0)
+        return -1;
+    (*nviews)++;
+    if (spec->kind == STEP_ADAM) {
+        if (get_source(y_obj, y_kind, need, &views[*nviews], &spec->y, "step y") < 0)
+            return -1;
+        (*nviews)++;
+    }
     return 0;
 }
 
@@ -247,10 +354,8 @@ static PyObject *row_sums(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OnnnnnnOiOiOO", &out_obj, &rows, &cols, &r0, &r1, &c0, &c1,
                           &b_obj, &b_kind, &a_obj, &a_kind, &main_obj, &extra_obj))
         return NULL;
-    if (rows < 0 || cols < 0 || r0 < 0 || r1 > rows || r0 > r1 || c0 < 0 || c1 > cols || c0 > c1) {
-        PyErr_SetString(PyExc_ValueError, "block outside the tensor");
+    if (!block_inside(rows, cols, r0, r1, c0, c1))
         return NULL;
-    }
     need = rows * cols;
     if (PyObject_GetBuffer(out_obj, &out_view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
         return NULL;
@@ -270,27 +375,11 @@ static PyObject *row_sums(PyObject *self, PyObject *args)
     spec_objs[0] = main_obj;
     spec_objs[1] = extra_obj;
     for (k = 0; k < 2; k++) {
-        PyObject *x_obj, *y_obj;
-        int x_kind, y_kind;
         step_spec *spec = &specs[k];
         if (spec_objs[k] == Py_None)
             continue;
-        if (!PyArg_ParseTuple(spec_objs[k], "iOiOiddddd", &spec->kind, &x_obj, &x_kind, &y_obj,
-                              &y_kind, &spec->scale, &spec->c1, &spec->rc2, &spec->eps,
-                              &spec->decay))
+        if (get_spec(spec_objs[k], need, views, &nviews, spec) < 0)
             goto fail;
-        if (spec->kind != STEP_LINEAR && spec->kind != STEP_ADAM) {
-            PyErr_Format(PyExc_ValueError, "unknown step kind %d", spec->kind);
-            goto fail;
-        }
-        if (get_source(x_obj, x_kind, need, &views[nviews], &spec->x, "step x") < 0)
-            goto fail;
-        nviews++;
-        if (spec->kind == STEP_ADAM) {
-            if (get_source(y_obj, y_kind, need, &views[nviews], &spec->y, "step y") < 0)
-                goto fail;
-            nviews++;
-        }
         if (k == 0)
             main_step = spec;
         else
@@ -304,18 +393,90 @@ static PyObject *row_sums(PyObject *self, PyObject *args)
 fail:
     failed = 1;
 done:
-    for (k = 0; k < nviews; k++)
-        PyBuffer_Release(&views[k]);
-    PyBuffer_Release(&out_view);
-    if (failed)
+    return finish(views, nviews, &out_view, failed);
+}
+
+/* window_sums(out, rows, cols, r0, r1, c0, c1, tensors, kinds, extras)
+ * tensors: n + 1 buffers (the first may be None), kinds: their element kinds, extras: n step
+ * specs or None; out: writable float64 buffer of n x NSUMS x rows (the sums are added to it). */
+static PyObject *window_sums(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *out_obj, *tensors, *kinds, *extras;
+    Py_ssize_t rows, cols, r0, r1, c0, c1, need, n, k;
+    Py_buffer views[3 * MAX_WINDOW + 1];
+    int nviews = 0, failed = 1;
+    Py_buffer out_view;
+    source t[MAX_WINDOW + 1];
+    step_spec specs[MAX_WINDOW];
+    const step_spec *extra_ptrs[MAX_WINDOW];
+
+    if (!PyArg_ParseTuple(args, "OnnnnnnO!O!O!", &out_obj, &rows, &cols, &r0, &r1, &c0, &c1,
+                          &PyTuple_Type, &tensors, &PyTuple_Type, &kinds, &PyTuple_Type, &extras))
         return NULL;
-    Py_RETURN_NONE;
+    n = PyTuple_GET_SIZE(tensors) - 1;
+    if (n < 1 || n > MAX_WINDOW || PyTuple_GET_SIZE(kinds) != n + 1 ||
+        PyTuple_GET_SIZE(extras) != n) {
+        PyErr_Format(PyExc_ValueError,
+                     "need 2 to %d tensors, as many kinds and one step spec per pair",
+                     MAX_WINDOW + 1);
+        return NULL;
+    }
+    if (!block_inside(rows, cols, r0, r1, c0, c1))
+        return NULL;
+    need = rows * cols;
+    if (PyObject_GetBuffer(out_obj, &out_view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (out_view.len < (Py_ssize_t)(n * NSUMS * rows * sizeof(double))) {
+        PyErr_SetString(PyExc_ValueError, "out is shorter than n x 6 x rows float64 values");
+        goto done;
+    }
+    for (k = 0; k <= n; k++) {
+        PyObject *obj = PyTuple_GET_ITEM(tensors, k);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(kinds, k));
+        if (kind == -1 && PyErr_Occurred())
+            goto done;
+        if (kind < KIND_F32 || kind > KIND_BF16) {
+            PyErr_Format(PyExc_ValueError, "tensor %zd: unknown element kind %ld", k, kind);
+            goto done;
+        }
+        if (obj == Py_None) {
+            if (k > 0) {
+                PyErr_SetString(PyExc_ValueError, "only the first tensor may be None");
+                goto done;
+            }
+            t[0].ptr = NULL;
+            t[0].kind = KIND_F32;
+            continue;
+        }
+        if (get_source(obj, (int)kind, need, &views[nviews], &t[k], "tensor") < 0)
+            goto done;
+        nviews++;
+    }
+    for (k = 0; k < n; k++) {
+        PyObject *obj = PyTuple_GET_ITEM(extras, k);
+        extra_ptrs[k] = NULL;
+        if (obj == Py_None)
+            continue;
+        if (get_spec(obj, need, views, &nviews, &specs[k]) < 0)
+            goto done;
+        extra_ptrs[k] = &specs[k];
+    }
+    Py_BEGIN_ALLOW_THREADS
+    window_sweep((double *)out_view.buf, n, rows, cols, r0, r1, c0, c1, t, extra_ptrs);
+    Py_END_ALLOW_THREADS
+    failed = 0;
+done:
+    return finish(views, nviews, &out_view, failed);
 }
 
 static PyMethodDef methods[] = {
     {"row_sums", row_sums, METH_VARARGS,
      "row_sums(out, rows, cols, r0, r1, c0, c1, b, b_kind, a, a_kind, main, extra): add the "
      "per-row float64 sums of a block to out (see bnwd_cli.metrics.kernels)."},
+    {"window_sums", window_sums, METH_VARARGS,
+     "window_sums(out, rows, cols, r0, r1, c0, c1, tensors, kinds, extras): add the per-row "
+     "float64 sums of the consecutive pairs of tensors to out (see bnwd_cli.metrics.kernels)."},
     {NULL, NULL, 0, NULL},
 };
 

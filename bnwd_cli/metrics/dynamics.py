@@ -1,8 +1,11 @@
 """The streaming pass of `bnwd inspect`: per layer, per checkpoint, what the weights did.
 
-Checkpoints are visited in training order and only two are open at a time (the current one and
-the previous, for differences), so memory does not grow with the length of the run. Formulas and
-their sources: shared/THEORY.md section 2.
+Checkpoints are visited in training order, a window of `kernels.WINDOW` at a time (plus the one
+before it, for differences): each layer's tensor is swept once over the whole window, so each
+checkpoint's bytes are read once. Memory does not grow with the length of the run: the files are
+mapped, pages are handed back as the sweep is done with them, and a checkpoint held in memory
+(a legacy, non-zip torch file) is swept on its own. Formulas and their sources:
+shared/THEORY.md section 2.
 """
 
 from __future__ import annotations
@@ -18,14 +21,13 @@ import numpy as np
 
 from bnwd_cli.checkpoints import (
     CheckpointFormat,
-    CheckpointRef,
     OpenCheckpoint,
     RunCheckpoints,
     discover_run,
     open_checkpoint,
 )
 from bnwd_cli.checkpoints.arrays import is_floating
-from bnwd_cli.checkpoints.mapped import release_pages
+from bnwd_cli.checkpoints.mapped import release_all_pages, release_pages
 from bnwd_cli.checkpoints.reader import DictTensorSource
 from bnwd_cli.errors import CheckpointError, UsageError
 from bnwd_cli.graph.classes import (
@@ -44,7 +46,7 @@ from bnwd_cli.metrics.equilibrium import (
     assess_equilibrium,
     predict_equilibrium,
 )
-from bnwd_cli.metrics.kernels import TensorStats, tensor_stats
+from bnwd_cli.metrics.kernels import WINDOW, TensorStats, window_stats
 from bnwd_cli.metrics.optimizer import (
     LayoutHint,
     NameMapping,
@@ -57,6 +59,9 @@ from bnwd_cli.metrics.optimizer import (
 from bnwd_cli.metrics.updates import ImpliedStep, StepPlan, implied_step, plan_step
 
 Progress = Callable[[int, int, str], None]
+
+RELEASE_EVERY = 8
+"""Layers between two `release_all_pages` during a window (see there)."""
 
 
 @dataclass(frozen=True)
@@ -183,10 +188,25 @@ def analyze_run(
     infos: list[CheckpointInfo] = []
     snapshots: list[OptimizerSnapshot | None] = []
     previous: OpenCheckpoint | None = None
-    current: OpenCheckpoint | None = None
+    window: list[_Visit] = []
     classification: ModelClassification | None = options.classification
     family: OptimizerFamily | None = None
     total = len(run.checkpoints)
+
+    def sweep_window() -> None:
+        """Measure every layer over the open window, then keep only its last checkpoint."""
+        nonlocal previous
+        for i, acc in enumerate(accumulators.values(), 1):
+            acc.add_window(window, previous, options, family, warnings)
+            if i % RELEASE_EVERY == 0:
+                release_all_pages()
+        for visit in window[:-1]:
+            visit.checkpoint.close()
+        if previous is not None:
+            previous.close()
+        previous = window.pop().checkpoint
+        window.clear()
+
     try:
         for position, ref in enumerate(run.checkpoints):
             if progress is not None:
@@ -200,6 +220,9 @@ def analyze_run(
                     raise
                 warnings.append(f"{exc} (skipped)")
                 continue
+            if window and not current.memory_mapped:
+                sweep_window()  # a checkpoint held in memory is swept on its own
+            window.append(_Visit(len(infos), current))
             names = current.weights.names()
             if classification is None:
                 classification = classify_state_dict(
@@ -215,10 +238,10 @@ def analyze_run(
                 if not accumulators:
                     raise UsageError(_no_layers_message(options.layers, path))
             snapshot = _snapshot(current, classification, options, notes)
+            window[-1].snapshot = snapshot
             snapshots.append(snapshot)
             if snapshot is not None and family is None:
                 family = snapshot.family
-            index = len(infos)
             infos.append(
                 CheckpointInfo(
                     label=ref.label,
@@ -230,16 +253,16 @@ def analyze_run(
                     lrs=tuple(sorted(snapshot.lrs())) if snapshot else (),
                 )
             )
-            for acc in accumulators.values():
-                acc.add(index, ref, current, previous, snapshot, options, family, warnings)
-            if previous is not None:
-                previous.close()
-            previous, current = current, None
+            if len(window) >= WINDOW or not current.memory_mapped:
+                sweep_window()
+        if window:
+            sweep_window()
     finally:
-        # `current` is still set when reading it failed half-way (e.g. a changed shape)
-        for still_open in (current, previous):
-            if still_open is not None:
-                still_open.close()
+        # a checkpoint may still be open when reading it failed half-way (e.g. a changed shape)
+        for visit in window:
+            visit.checkpoint.close()
+        if previous is not None:
+            previous.close()
     if progress is not None:
         progress(total, total, "")
     if not infos:
@@ -398,6 +421,16 @@ def _unit_norm(stats_norm: float, row_norms: np.ndarray | None, rows: int) -> fl
     return stats_norm / math.sqrt(rows) if row_norms is not None else stats_norm
 
 
+@dataclass
+class _Visit:
+    """A checkpoint of the window being swept."""
+
+    index: int
+    """Its position among the checkpoints read."""
+    checkpoint: OpenCheckpoint
+    snapshot: OptimizerSnapshot | None = None
+
+
 class _LayerAccumulator:
     def __init__(self, verdict: ParamClassification) -> None:
         self.verdict = verdict
@@ -410,24 +443,49 @@ class _LayerAccumulator:
         self.last_hyper: ParamHyper | None = None
         self.notes: list[str] = []
         self.no_step: dict[str, str] = {}
-        self.last_row_sq: np.ndarray | None = None
-        """Per-row |w|^2 at the last checkpoint added (saves a sweep over the pair)."""
         """Why the optimizer state implied no step -> the first checkpoint where it did not."""
 
-    def add(
+    def add_window(
         self,
-        index: int,
-        ref: CheckpointRef,
-        current: OpenCheckpoint,
+        window: Sequence[_Visit],
         previous: OpenCheckpoint | None,
-        snapshot: OptimizerSnapshot | None,
         options: InspectOptions,
         family: OptimizerFamily | None,
         warnings: list[str],
     ) -> None:
+        """Add the checkpoints of `window` (consecutive, opened), `previous` the one before."""
         name = self.verdict.name
+        tensors: list[np.ndarray] = []
+        plans: list[StepPlan | None] = []
+        hypers: list[ParamHyper | None] = []
+        for visit in window:
+            tensor = self._tensor(visit.checkpoint)
+            hyper = visit.snapshot.per_param.get(name) if visit.snapshot is not None else None
+            tensors.append(tensor)
+            hypers.append(hyper)
+            plans.append(
+                self._plan(tensor, visit.checkpoint, visit.snapshot, hyper, family, options)
+            )
+        before = previous.weights.get(name) if previous is not None and self.points else None
+        # One sweep over the window measures the steps between its checkpoints and the last
+        # optimizer step each one's state implies (`plans`); each tensor is read once.
+        found = window_stats(
+            tensors,
+            before,
+            per_row=self.per_row,
+            steps=[plan.fill if plan is not None else None for plan in plans],
+            release=release_pages,
+        )
+        for visit, tensor, hyper, plan, stats in zip(
+            window, tensors, hypers, plans, found, strict=True
+        ):
+            self._record(visit, tensor, hyper, plan, stats, options, family, warnings)
+
+    def _tensor(self, ckpt: OpenCheckpoint) -> np.ndarray:
+        name = self.verdict.name
+        ref = ckpt.ref
         try:
-            tensor = current.weights.get(name)
+            tensor = ckpt.weights.get(name)
         except KeyError:
             raise CheckpointError(
                 ref.weight_files[0],
@@ -439,19 +497,23 @@ class _LayerAccumulator:
                 f"tensor '{name}' has shape {tuple(tensor.shape)} here but "
                 f"{self.verdict.shape} before: the architecture changed between checkpoints",
             )
-        before = previous.weights.get(name) if previous is not None and self.points else None
-        hyper = snapshot.per_param.get(name) if snapshot is not None else None
-        plan = self._plan(tensor, current, snapshot, hyper, family, options)
-        # One sweep over `tensor` measures both the step since the previous checkpoint and the
-        # last optimizer step its state implies (`plan`).
-        stats = tensor_stats(
-            tensor,
-            before,
-            per_row=self.per_row,
-            previous_row_sq=self.last_row_sq if before is not None else None,
-            with_step=plan.fill if plan is not None else None,
-        )
-        self.last_row_sq = stats.row_sq
+        return tensor
+
+    def _record(
+        self,
+        visit: _Visit,
+        tensor: np.ndarray,
+        hyper: ParamHyper | None,
+        plan: StepPlan | None,
+        stats: TensorStats,
+        options: InspectOptions,
+        family: OptimizerFamily | None,
+        warnings: list[str],
+    ) -> None:
+        """One checkpoint's point, from the figures of its sweep."""
+        name = self.verdict.name
+        index, current, snapshot = visit.index, visit.checkpoint, visit.snapshot
+        ref = current.ref
         if stats.nonfinite:
             warnings.append(f"{ref.label}: tensor '{name}' has {stats.nonfinite} NaN/Inf values")
         rows = self.verdict.shape[0] if self.per_row else 1
@@ -472,21 +534,13 @@ class _LayerAccumulator:
             else None
         )
         relative_step = angle = None
-        if before is not None and stats.diff_norm is not None:
+        if self.points and stats.diff_norm is not None:
             previous_norm = self.points[-1].norm
             relative_step = stats.diff_norm / previous_norm if previous_norm > 0 else None
-            if stats.row_angles is not None:
-                finite = stats.row_angles[np.isfinite(stats.row_angles)]
-                angle = float(np.sqrt(np.square(finite).mean())) if finite.size else None
-            else:
-                angle = stats.angle
+            angle = stats.angular_update
         implied = self._implied(
             tensor, current, snapshot, hyper, family, options, plan, stats.step_stats
         )
-        # Done with these bytes for now: hand their pages back, so that resident memory stays
-        # near one tensor whatever the checkpoint size (the page cache keeps them; reading the
-        # current tensor again as `before` next time faults it back in, ~10% of the pass).
-        release_pages(tensor, before)
         predicted = None
         if invariant and hyper is not None:
             predicted = self._predict(family, hyper, lr).angle
@@ -500,21 +554,15 @@ class _LayerAccumulator:
             self.sample_source.add(source)
         if hyper is not None:
             self.last_hyper = hyper
-        row_min = row_max = row_cv = None
-        if stats.row_norms is not None:
-            row_min = float(stats.row_norms.min())
-            row_max = float(stats.row_norms.max())
-            mean = float(stats.row_norms.mean())
-            row_cv = float(stats.row_norms.std()) / mean if mean > 0 else None
         self.points.append(
             LayerPoint(
                 checkpoint=index,
                 step=ref.step,
                 norm=stats.norm,
                 nonfinite=stats.nonfinite,
-                row_norm_min=row_min,
-                row_norm_max=row_max,
-                row_norm_cv=row_cv,
+                row_norm_min=stats.row_norm_min,
+                row_norm_max=stats.row_norm_max,
+                row_norm_cv=stats.row_norm_cv,
                 steps_between=steps_between,
                 relative_step=relative_step,
                 angular_update=angle,
@@ -577,7 +625,7 @@ class _LayerAccumulator:
             plan=plan,
             measured=measured,
         )
-        if per_param is not None:
+        if per_param is not None and plan is None:  # (the window sweep released the plan's)
             release_pages(*(v for v in per_param.values() if isinstance(v, np.ndarray)))
         if isinstance(result, ImpliedStep):
             if result.approximation:

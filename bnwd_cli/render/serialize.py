@@ -11,18 +11,33 @@ from typing import Any
 
 import numpy as np
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+"""Names of the fields `to_data` writes, per dataclass type (`dataclasses.fields` is slow to
+ask 10^5 times: a long run's report has a point per layer per checkpoint)."""
+
 
 def to_data(value: Any) -> Any:
     """A JSON-compatible copy of `value` (dataclasses, enums, paths, tuples, tensors)."""
-    kind = type(value)  # exact types first: most values are plain numbers (a report has ~1e5)
+    kind = type(value)  # exact types first: most values are plain numbers
     if kind is str or kind is int or kind is bool or value is None:
         return value
     if kind is float:
         return value if math.isfinite(value) else None
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: to_data(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr
-        }
+    names = _FIELDS.get(kind)
+    if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(value) if f.repr)
+    if names is not None:
+        data = {}
+        for name in names:
+            item = getattr(value, name)
+            item_kind = type(item)
+            if item_kind is float:
+                data[name] = item if math.isfinite(item) else None
+            elif item is None or item_kind is int or item_kind is str or item_kind is bool:
+                data[name] = item
+            else:
+                data[name] = to_data(item)
+        return data
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, Path):
@@ -38,5 +53,45 @@ def to_data(value: Any) -> Any:
     return value
 
 
+_compact = json.JSONEncoder(allow_nan=False, separators=(", ", ": ")).encode
+
+
 def dumps(document: Any) -> str:
-    return json.dumps(to_data(document), indent=2, allow_nan=False) + "\n"
+    """`document` (JSON-compatible data, see `to_data`) as indented JSON, with every object or
+    array that holds no object or array of objects on one line (a per-checkpoint point, a shape,
+    a summary). Those lines go through the json module's C encoder; `json.dumps(indent=2)`
+    encodes in pure Python, which took longer than the analysis for a long run."""
+    parts: list[str] = []
+    _write(document, "\n", parts)
+    parts.append("\n")
+    return "".join(parts)
+
+
+def _write(value: Any, newline: str, parts: list[str]) -> None:
+    if isinstance(value, dict) and value and not _flat(value.values()):
+        inner = newline + "  "
+        parts.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            parts.append(("," if i else "") + inner + _compact(str(key)) + ": ")
+            _write(item, inner, parts)
+        parts.append(newline + "}")
+    elif isinstance(value, list) and value and not _flat(value):
+        inner = newline + "  "
+        parts.append("[")
+        for i, item in enumerate(value):
+            parts.append("," if i else "")
+            parts.append(inner)
+            _write(item, inner, parts)
+        parts.append(newline + "]")
+    else:
+        parts.append(_compact(value))
+
+
+def _flat(items: Any) -> bool:
+    """No item is an object, nor an array holding one: the container fits on one line."""
+    for item in items:
+        if isinstance(item, dict):
+            return False
+        if isinstance(item, list) and any(isinstance(v, dict | list) for v in item):
+            return False
+    return True
