@@ -296,11 +296,9 @@ def implied_step(
         previous_norm = float(np.sqrt(np.square(previous).sum()))
     if stats.diff_norm is None or previous_norm == 0.0:
         return NoImpliedStep("the weight before the last step is zero")
-    if stats.row_angles is not None:
-        finite = stats.row_angles[np.isfinite(stats.row_angles)]
-        angle = float(np.sqrt(np.square(finite).mean())) if finite.size else None
-    else:
-        angle = stats.angle if stats.angle is not None and math.isfinite(stats.angle) else None
+    angle = stats.angular_update  # per row: the RMS of the finite row angles
+    if angle is not None and not math.isfinite(angle):
+        angle = None
     return ImpliedStep(
         relative_update=stats.diff_norm / previous_norm,
         angular_update=angle,
