@@ -216,6 +216,18 @@ def test_brackets_in_paths_survive_in_messages(tmp_path: Path) -> None:
     assert any(str(broken) in w for w in warnings_of(result)), result.stderr
 
 
+def test_styled_messages_keep_brackets_and_plain_ones_carry_no_codes(tmp_path: Path) -> None:
+    """On a terminal (forced here) Rich styles the label; piped, the line is plain text."""
+    missing = tmp_path / "sweep[lr=0.1]"
+    styled = runner.invoke(app, ["inspect", str(missing)], env={"FORCE_COLOR": "1"})
+    assert styled.exit_code == EXIT_BAD_INPUT
+    assert "\x1b[" in styled.stderr  # styled by Rich
+    assert str(missing) in styled.stderr  # the path's brackets are not read as markup
+    plain = runner.invoke(app, ["inspect", str(missing)], env={"FORCE_COLOR": ""})
+    assert plain.stderr.startswith("error: ") and "\x1b" not in plain.stderr
+    assert str(missing) in plain.stderr
+
+
 def test_bad_option_value_is_a_usage_error(run3: tuple[Path, list, list[Path]]) -> None:
     folder, _, _ = run3
     result = invoke(["inspect", folder, "--format", "xml"], watch=folder)

@@ -155,6 +155,9 @@ def test_inspect_reads_a_run_without_importing_torch(tmp_path: Path, fmt: str) -
         f"sys.argv = ['bnwd', 'inspect', {str(run)!r}, '--format', 'csv']\n"
         "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        # start-up: Rich only for a terminal, and no pydantic (typer < 0.29, pyproject.toml)
+        "assert 'rich' not in sys.modules, 'rich was imported for piped output'\n"
+        "assert 'pydantic' not in sys.modules, 'pydantic was imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

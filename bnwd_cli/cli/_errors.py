@@ -14,14 +14,10 @@ EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def _say(message: str) -> None:
-    from rich.markup import escape
-
-    from bnwd_cli.render.console import stderr_console
+    from bnwd_cli.render.console import say_line
 
     # escaped: paths and values like `runs/[lr=0.1]` or `bnwd-cli[plot]` are text, not markup
-    stderr_console().print(
-        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
-    )
+    say_line("error", "bold red", message)
 
 
 def exit_code_for(exc: BaseException) -> int:

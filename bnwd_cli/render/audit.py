@@ -8,9 +8,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
-
-from rich import box
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from bnwd_cli.groups import GroupRole, ParamGroupSummary
 from bnwd_cli.metrics.audit import AuditFinding, AuditSeverity
@@ -19,6 +17,9 @@ from bnwd_cli.metrics.equilibrium import EquilibriumStatus
 from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
 from bnwd_cli.render.serialize import dumps, to_data
+
+if TYPE_CHECKING:  # Rich is imported where a table is drawn (render.console)
+    from rich.table import Table
 
 EQUILIBRIUM_TITLE = "Optimizer and equilibrium of scale-invariant weights (per optimizer step)"
 AUDIT_TITLE = "Weight-decay audit"
@@ -100,6 +101,9 @@ def _sources(layers: Sequence[LayerDynamics]) -> str:
 
 
 def equilibrium_table(report: RunDynamics) -> Table | None:
+    from rich import box
+    from rich.table import Table
+
     layers = _with_equilibrium(report)
     if not layers:
         return None
@@ -131,6 +135,9 @@ def equilibrium_table(report: RunDynamics) -> Table | None:
 
 
 def audit_table(findings: Sequence[AuditFinding]) -> Table | None:
+    from rich import box
+    from rich.table import Table
+
     if not findings:
         return None
     table = Table(title=AUDIT_TITLE, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -188,6 +195,9 @@ def audit_markdown(findings: Sequence[AuditFinding]) -> list[str]:
 
 
 def groups_table(summary: ParamGroupSummary) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(
         title=f"Parameter groups (weight decay {summary.weight_decay:g}, scale-invariant "
         f"weights: {summary.invariant_policy.value}; {summary.classification_method})",

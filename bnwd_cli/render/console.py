@@ -3,23 +3,45 @@
 Rich drops colour and animation by itself when the stream is not a terminal, so piped output
 stays plain text. Tables are rendered into a string first (`text_console` / `rendered_text`),
 then written by `render.output.emit`, so a failed run never prints half a table.
+
+Rich is imported only when something is styled: a line on a stderr that is no terminal is
+written as the plain text Rich would write there (importing Rich costs a tenth of a
+`bnwd inspect --format json` run on a small folder; README, Performance).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import sys
 from functools import cache
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @cache
 def stderr_console() -> Console:
+    from rich.console import Console
+
     return Console(stderr=True)
+
+
+def plain_stderr() -> bool:
+    """Whether stderr shows no styling: not a terminal, and no colour forced (Rich's rules)."""
+    if os.environ.get("FORCE_COLOR") or os.environ.get("TTY_COMPATIBLE", "") in ("1", "true"):
+        return False
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return True
 
 
 def text_console(width: int) -> Console:
     """A console that renders plain text (no colour, no terminal codes) at a fixed width."""
+    from rich.console import Console
+
     return Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
 
 
@@ -29,14 +51,21 @@ def rendered_text(console: Console) -> str:
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
 
 
-def say_warning(text: str) -> None:
-    """One warning line on stderr (the text is shown as written, never read as markup)."""
+def say_line(label: str, style: str, text: str) -> None:
+    """`label: text` on stderr, the label in `style` on a terminal (the text is shown as
+    written, never read as markup)."""
+    if plain_stderr():
+        print(f"{label}: {text}", file=sys.stderr)
+        return
     from rich.markup import escape
 
-    stderr_console().print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    stderr_console().print(f"[{style}]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def say_warning(text: str) -> None:
+    """One warning line on stderr."""
+    say_line("warning", "yellow", text)
 
 
 def say_note(text: str) -> None:
-    from rich.markup import escape
-
-    stderr_console().print(f"[dim]note: {escape(text)}[/]", highlight=False, soft_wrap=True)
+    say_line("note", "dim", text)

@@ -6,10 +6,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-
-from rich import box
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from bnwd_cli._version import __version__
 from bnwd_cli.graph.classes import ParamKind
@@ -23,6 +20,10 @@ from bnwd_cli.render.audit import (
 from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
 from bnwd_cli.render.serialize import dumps, to_data
+
+if TYPE_CHECKING:  # Rich is imported where a table is drawn (render.console)
+    from rich.table import Table
+    from rich.text import Text
 
 SPARK = "▁▂▃▄▅▆▇█"
 KIND_TITLES = {
@@ -107,6 +108,8 @@ def render_table(
 
 
 def _header(report: RunDynamics) -> Text:
+    from rich.text import Text
+
     run = report.run
     steps = [c.step for c in report.checkpoints if c.step is not None]
     span = f", steps {steps[0]}–{steps[-1]}" if len(steps) >= 2 else ""
@@ -129,6 +132,9 @@ def _header(report: RunDynamics) -> Text:
 
 
 def _summary_table(title: str, kind: ParamKind, layers: Sequence[LayerDynamics]) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("layer", overflow="fold")
     table.add_column("shape")
@@ -159,6 +165,9 @@ def _summary_table(title: str, kind: ParamKind, layers: Sequence[LayerDynamics])
 
 
 def _checkpoint_table(report: RunDynamics, layer: LayerDynamics) -> Table:
+    from rich import box
+    from rich.table import Table
+
     title = f"{layer.name} ({layer.classification.kind.value}, {'×'.join(map(str, layer.shape))})"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for name in (

@@ -5,13 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from bnwd_cli.render.console import plain_stderr, stderr_console
 
-from bnwd_cli.render.console import stderr_console
+
+def _silent(done: int, total: int, label: str) -> None:
+    """No progress to show (stderr is no terminal)."""
 
 
 @contextmanager
 def checkpoint_progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    if plain_stderr():
+        yield _silent
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     console = stderr_console()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
