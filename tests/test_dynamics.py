@@ -351,3 +351,43 @@ def test_checkpoints_closed_when_analysis_fails(
         analyze_run(tmp_path)
     assert counter.opened >= 3  # the window reads ahead of the failing checkpoint
     assert counter.open == 0
+
+
+def test_pages_released_within_the_byte_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers too large for the budget are released piece by piece as they are swept; the
+    others are released all at once whenever the bytes swept since the last release pass the
+    budget, so no more than about the budget stays resident."""
+    write_run(tmp_path, training_states(5), fmt="safetensors")
+    budget = 400  # bytes: conv weights over 5 checkpoints are larger, BN gamma/beta smaller
+    monkeypatch.setattr(dynamics, "RELEASE_BUDGET", budget)
+    swept: list[tuple[str, int, bool]] = []  # in order: a layer, its bytes, released by pieces?
+    events: list[str] = []
+    real_window_stats = dynamics.window_stats
+
+    def spy_window_stats(tensors: Any, before: Any, **kwargs: Any) -> Any:
+        nbytes = sum(t.nbytes for t in tensors) + (before.nbytes if before is not None else 0)
+        swept.append(("layer", nbytes, kwargs["release"] is dynamics.release_pages))
+        events.append("layer")
+        return real_window_stats(tensors, before, **kwargs)
+
+    monkeypatch.setattr(dynamics, "window_stats", spy_window_stats)
+    monkeypatch.setattr(dynamics, "release_all_pages", lambda: events.append("release"))
+    report = analyze_run(tmp_path)
+    assert len(report.checkpoints) == 5
+    assert any(by_pieces for _, _, by_pieces in swept)  # conv weights over 5 checkpoints
+    assert any(not by_pieces for _, _, by_pieces in swept)  # BN gamma/beta
+    for _, nbytes, by_pieces in swept:
+        assert by_pieces == (nbytes > budget)
+    # replay: the unreleased bytes never pass the budget by more than one layer
+    unreleased, layers = 0, iter(swept)
+    for event in events:
+        if event == "release":
+            assert unreleased > budget
+            unreleased = 0
+        else:
+            _, nbytes, by_pieces = next(layers)
+            unreleased += 0 if by_pieces else nbytes
+            assert unreleased <= 2 * budget or by_pieces
+    assert events.count("release") >= 1
