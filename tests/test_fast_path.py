@@ -745,7 +745,14 @@ def test_crafted_tensor_geometry_must_stay_inside_its_storage(
 
 @pytest.mark.parametrize(
     ("offset", "size", "stride"),
-    [(-1, (2,), (1,)), (0, (2,), (-1,)), (0, (-2,), (1,)), (4, (2, 2), (-2, 1))],
+    [
+        (-1, (2,), (1,)),
+        (0, (2,), (-1,)),
+        (0, (-2,), (1,)),
+        (4, (2, 2), (-2, 1)),
+        (0, (-2, -3), (-3, 1)),  # "row-major" strides of two negative sizes, 6 elements
+        (-1, (2, 3), (3, 1)),  # row-major, starting before the storage
+    ],
 )
 def test_strided_view_refuses_negative_geometry(
     offset: int, size: tuple[int, ...], stride: tuple[int, ...]
