@@ -454,3 +454,49 @@ def test_outline_load_leaves_large_tensors_unread(tmp_path: Path) -> None:
     assert outline["small"].tolist() == whole["small"].tolist() == list(range(OUTLINE_MAX))
     assert int(outline["step"]) == 5
     assert whole["big"].tolist() == big.tolist()
+
+
+def _safetensors_with_header(path: Path, header: bytes) -> Path:
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        # written by the safetensors library: metadata first, only it is parsed
+        (
+            b'{"__metadata__":{"step":"7","note":"a, b}"},"w":{"dtype":"F32"}}',
+            {"step": "7", "note": "a, b}"},
+        ),
+        (b'{"__metadata__":{"step":"7"}}', {"step": "7"}),
+        # anywhere else in the header: the whole header is parsed
+        (b'{"w":{"dtype":"F32"},"__metadata__":{"epoch":"2"}}', {"epoch": "2"}),
+        (b'{"w":{"dtype":"F32"}}', {}),
+    ],
+)
+def test_safetensors_metadata_is_read_wherever_it_stands(
+    tmp_path: Path, header: bytes, expected: dict[str, str]
+) -> None:
+    from bnwd_cli.checkpoints.formats import read_safetensors_metadata
+
+    assert (
+        read_safetensors_metadata(_safetensors_with_header(tmp_path / "m.st", header)) == expected
+    )
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"__metadata__":{"step":"7"',
+        b'{"__metadata__":{"step":"7"}x',
+        b'{"__metadata__":',
+        b"{\xff}",
+    ],
+)
+def test_corrupt_safetensors_metadata_names_the_file(tmp_path: Path, header: bytes) -> None:
+    from bnwd_cli.checkpoints.formats import read_safetensors_metadata
+
+    path = _safetensors_with_header(tmp_path / "bad.safetensors", header)
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors.*corrupt safetensors header"):
+        read_safetensors_metadata(path)

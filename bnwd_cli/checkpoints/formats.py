@@ -212,6 +212,10 @@ def _library_of(obj: Mapping[str, Any]) -> CheckpointFormat:
     return CheckpointFormat.TORCH
 
 
+_LEADING_METADATA = '{"__metadata__":'
+_JSON = json.JSONDecoder()
+
+
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The free-form `__metadata__` of a safetensors header, read without loading tensors."""
     with path.open("rb") as handle:
@@ -219,8 +223,17 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         if length > MAX_SAFETENSORS_HEADER:
             raise CheckpointError(path, "has an implausible safetensors header length")
         try:
-            header = json.loads(handle.read(length))
+            text = handle.read(length).decode("utf-8")
+            # The safetensors writers put `__metadata__` first: then only it is parsed (the
+            # pass reads and checks the whole header when it opens the file).
+            meta: object = None
+            if text.startswith(_LEADING_METADATA):
+                meta, end = _JSON.raw_decode(text, len(_LEADING_METADATA))
+                if text[end : end + 1] not in (",", "}"):
+                    raise json.JSONDecodeError("expected ',' or '}'", text, end)
+            else:
+                header = json.loads(text)
+                meta = header.get("__metadata__") if isinstance(header, dict) else None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(path, f"has a corrupt safetensors header ({exc})") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
