@@ -707,16 +707,20 @@ def test_release_covers_every_input_pair_by_pair(
 
 @needs_compiled
 @pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "whole"])
+@pytest.mark.parametrize("pairs", [1, 3], ids=["rows-split", "checkpoints-split"])
 def test_two_threads_give_the_same_figures_as_one(
-    per_row: bool, monkeypatch: pytest.MonkeyPatch
+    per_row: bool, pairs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One pair: the threads share its rows (or the columns of its one row); several: each
+    thread takes a run of consecutive checkpoints."""
     monkeypatch.delenv("BNWD_NO_COMPILED", raising=False)
     shape = (600, 512)
     assert shape[0] * shape[1] >= kernels.PARALLEL_MIN
     rng = np.random.default_rng(31)
-    before, *tensors = walk(shape, 4, seed=30, relative=1e-4)
-    steps: list[StepFormula | None] = [sgd_step(tensors[0], rng, per_row), None, None]
-    steps[2] = adamw_step(tensors[2], rng, per_row)
+    before, *tensors = walk(shape, pairs + 1, seed=30, relative=1e-4)
+    steps: list[StepFormula | None] = [sgd_step(tensors[0], rng, per_row), None, None][:pairs]
+    if pairs == 3:
+        steps[2] = adamw_step(tensors[2], rng, per_row)
     submitted = Counter[int]()
     original = kernels._executor
 
@@ -736,8 +740,12 @@ def test_two_threads_give_the_same_figures_as_one(
     two = window_stats(tensors, before, per_row=per_row, steps=steps)
     assert submitted[0] > 0  # the second thread had a share
     assert_same_windows(two, one)
-    b, a = f64(tensors[1]), f64(tensors[0])
-    assert two[1].diff_norm == pytest.approx(float(np.linalg.norm(b - a)), rel=1e-12)
+    if pairs > 1:  # whole pairs per thread: the very same sums
+        assert [(s.norm, s.diff_norm, s.angle) for s in two] == [
+            (s.norm, s.diff_norm, s.angle) for s in one
+        ]
+    b, a = f64(tensors[-1]), f64(tensors[-2] if pairs > 1 else before)
+    assert two[-1].diff_norm == pytest.approx(float(np.linalg.norm(b - a)), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- numpy fallback
