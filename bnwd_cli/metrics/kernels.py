@@ -281,7 +281,11 @@ def window_stats(
         or arrays[0].size == 0
         or not compiled()
         or any(_kind(t) is None for t in chain)
-        or any(not _takes_compiled(arrays[0], None, None, e) for e in extras if e is not None)
+        or any(
+            _kind(e.x) is None or (e.y is not None and _kind(e.y) is None)
+            for e in extras
+            if e is not None
+        )
     ):
         return _window_by_pairs(arrays, before, per_row, step_list, release)
     rows_layout = [as_rows(t, per_row) if t is not None else None for t in chain]
