@@ -65,9 +65,9 @@ RELEASE_BUDGET = 64 << 20
 checkpoints handed back at once). A layer whose window holds more than this is released piece by
 piece as it is swept instead (`window_stats(release=...)`), so resident memory stays near this
 budget plus the pages the kernel maps around them, whatever the model and the run. Releasing
-every piece of every layer, as before, cost 5-8% of a ResNet-50 run (torch files, 20
+every piece of every layer, as before, cost 5-8% of a ResNet-50 analysis (torch files, 20
 checkpoints: 0.86 s against 0.80 s), in system calls and in refaults of the 2 MiB stretches
-around each piece, for a peak of 108 MB instead of about 250 MB (README, Performance)."""
+around each piece, for a peak of 108 MB instead of about 165 MB (README, Performance)."""
 
 
 @dataclass(frozen=True)
