@@ -20,6 +20,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -309,6 +310,22 @@ def test_window_sums_of_rectangles_add_up_to_the_whole(rows: int, cols: int) -> 
         assert_sums_close(total, reference_window(chain))
     again = window_call(rows, cols, (0, rows, 0, cols), chain, out=whole.copy())
     np.testing.assert_array_equal(again, 2 * whole)  # added, not written over
+
+
+@needs_compiled
+def test_window_sums_of_files_mapped_read_only(tmp_path: Path) -> None:
+    """The sweep maps a mapped file's pages in before it reads them (MADV_POPULATE_READ): the
+    sums are those of the file's values, for a whole tensor and for a piece of it."""
+    rows, cols = 64, 1031  # 264 KB a checkpoint: above the size the sweep maps in at once
+    chain = walk((rows, cols), 4, seed=17)
+    path = tmp_path / "run.bin"
+    path.write_bytes(b"".join(t.tobytes() for t in chain))
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=(4, rows, cols))
+    views = [mapped[k] for k in range(4)]
+    assert_sums_close(window_call(rows, cols, (0, rows, 0, cols), views), reference_window(chain))
+    part = window_call(rows, cols, (5, 40, 0, cols), views)
+    assert_sums_close(part[:, :, 5:40], reference_window([t[5:40] for t in chain]))
+    assert not part[:, :, :5].any() and not part[:, :, 40:].any()
 
 
 @needs_compiled

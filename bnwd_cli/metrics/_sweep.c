@@ -7,8 +7,8 @@
  * `row_sums` on a rectangle of one tensor (and its previous value or a known step); it is
  * the same computation as the numpy sweep there (`_sweep_numpy`, the fallback when this module
  * is not built), without its float64 copies of every block and its Python calls per block. The
- * GIL is released, so the worker threads run on all cores while the pages of the memory-mapped
- * checkpoint files are faulted in.
+ * GIL is released, so the worker threads run on all cores; `window_sums` maps the pages of the
+ * memory-mapped checkpoint files it is given in with one system call per input (`populate`).
  *
  * Inputs are float32, float64 or bfloat16 (kind 0, 1, 2), C-contiguous, each element widened
  * to float64 exactly. Per row it accumulates
@@ -27,6 +27,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14 */
+#endif
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define INLINE static inline __attribute__((always_inline))
@@ -262,6 +270,30 @@ static void window_sweep(double *restrict sums, Py_ssize_t n, Py_ssize_t rows, P
     }
 }
 
+#define POPULATE_MIN (1 << 16)
+
+/* Map the pages of elements [first, last) of `src` in one system call before the sweep reads
+ * them (MADV_POPULATE_READ, Linux 5.14+): a freshly mapped checkpoint otherwise takes a page
+ * fault every 16 pages, and the faults cost more than the reading (measured: 205 MB torch
+ * files mapped and summed in 0.55 s, in 0.45 s populated first). Ranges below POPULATE_MIN
+ * take a fault or two anyway; errors (an older kernel, memory not mapped from a file) change
+ * nothing, the sweep faults the pages in as before. */
+static void populate(const source *src, Py_ssize_t first, Py_ssize_t last)
+{
+#if defined(__linux__)
+    Py_ssize_t itemsize = src->kind == KIND_F64 ? 8 : (src->kind == KIND_F32 ? 4 : 2);
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), start, end;
+    if (src->ptr == NULL || (last - first) * itemsize < POPULATE_MIN)
+        return;
+    start = (uintptr_t)src->ptr + (uintptr_t)(first * itemsize);
+    end = (uintptr_t)src->ptr + (uintptr_t)(last * itemsize);
+    start = start / page * page;
+    (void)madvise((void *)start, end - start, MADV_POPULATE_READ);
+#else
+    (void)src, (void)first, (void)last;
+#endif
+}
+
 /* Rows [r0, r1) and columns [c0, c1) lie inside a rows x cols tensor (else ValueError, 0). */
 static int block_inside(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t r0, Py_ssize_t r1,
                         Py_ssize_t c0, Py_ssize_t c1)
@@ -463,6 +495,17 @@ static PyObject *window_sums(PyObject *self, PyObject *args)
         extra_ptrs[k] = &specs[k];
     }
     Py_BEGIN_ALLOW_THREADS
+    if (r1 > r0 && c1 > c0) {
+        Py_ssize_t first = r0 * cols + c0, last = (r1 - 1) * cols + c1;
+        for (k = 0; k <= n; k++)
+            populate(&t[k], first, last);
+        for (k = 0; k < n; k++)
+            if (extra_ptrs[k] != NULL) {
+                populate(&extra_ptrs[k]->x, first, last);
+                if (extra_ptrs[k]->kind == STEP_ADAM)
+                    populate(&extra_ptrs[k]->y, first, last);
+            }
+    }
     window_sweep((double *)out_view.buf, n, rows, cols, r0, r1, c0, c1, t, extra_ptrs);
     Py_END_ALLOW_THREADS
     failed = 0;
