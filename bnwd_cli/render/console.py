@@ -51,15 +51,20 @@ def rendered_text(console: Console) -> str:
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
 
 
-def say_line(label: str, style: str, text: str) -> None:
-    """`label: text` on stderr, the label in `style` on a terminal (the text is shown as
-    written, never read as markup)."""
+def say_line(label: str, style: str, text: str, *, style_text: bool = False) -> None:
+    """`label: text` on stderr, the label (or the whole line) in `style` on a terminal (the
+    text is shown as written, never read as markup)."""
     if plain_stderr():
         print(f"{label}: {text}", file=sys.stderr)
         return
     from rich.markup import escape
 
-    stderr_console().print(f"[{style}]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    line = (
+        f"[{style}]{label}: {escape(text)}[/]"
+        if style_text
+        else f"[{style}]{label}:[/] {escape(text)}"
+    )
+    stderr_console().print(line, highlight=False, soft_wrap=True)
 
 
 def say_warning(text: str) -> None:
@@ -68,4 +73,4 @@ def say_warning(text: str) -> None:
 
 
 def say_note(text: str) -> None:
-    say_line("note", "dim", text)
+    say_line("note", "dim", text, style_text=True)
