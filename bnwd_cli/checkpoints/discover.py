@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -29,7 +29,11 @@ from bnwd_cli.checkpoints.formats import (
     sniff,
 )
 from bnwd_cli.checkpoints.reader import CheckpointRef, shard_files
-from bnwd_cli.checkpoints.safe_load import UnsafeCheckpointError, load_torch_file
+from bnwd_cli.checkpoints.safe_load import (
+    PreloadedFiles,
+    UnsafeCheckpointError,
+    load_torch_file,
+)
 from bnwd_cli.errors import CheckpointError, UsageError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pyt")
@@ -93,6 +97,9 @@ class RunCheckpoints:
     skipped: tuple[SkippedFile, ...] = ()
     problems: tuple[CheckpointProblem, ...] = ()
     notes: tuple[str, ...] = ()
+    preloaded: PreloadedFiles | None = field(default=None, repr=False, compare=False)
+    """Torch files discovery read whole, for `open_checkpoint` to take instead of reading
+    them again."""
 
 
 @dataclass
@@ -116,6 +123,7 @@ def discover_run(path: Path, *, trust_pickle: bool = False, strict: bool = False
     skipped: list[SkippedFile] = []
     problems: list[CheckpointProblem] = []
     candidates: list[_Candidate] = []
+    preloaded = PreloadedFiles()
 
     def consider(make: Callable[[], _Candidate | None], where: Path) -> None:
         try:
@@ -131,11 +139,11 @@ def discover_run(path: Path, *, trust_pickle: bool = False, strict: bool = False
             candidates.append(candidate)
 
     if path.is_file():
-        consider(lambda: _file_candidate(path, path.parent, trust_pickle, skipped), path)
+        consider(lambda: _file_candidate(path, path.parent, trust_pickle, skipped, preloaded), path)
     elif _is_checkpoint_folder(path) and not _has_checkpoint_subfolders(path):
         consider(lambda: _folder_candidate(path, path.parent, skipped), path)
     else:
-        _walk(path, trust_pickle, consider, skipped)
+        _walk(path, trust_pickle, consider, skipped, preloaded)
 
     if not candidates:
         detail = f" ({len(problems)} unreadable: {problems[0].message})" if problems else ""
@@ -152,6 +160,7 @@ def discover_run(path: Path, *, trust_pickle: bool = False, strict: bool = False
         skipped=tuple(sorted(skipped, key=lambda s: str(s.path))),
         problems=tuple(problems),
         notes=tuple(notes),
+        preloaded=preloaded,
     )
 
 
@@ -160,6 +169,7 @@ def _walk(
     trust_pickle: bool,
     consider: Callable[[Callable[[], _Candidate | None], Path], None],
     skipped: list[SkippedFile],
+    preloaded: PreloadedFiles | None = None,
 ) -> None:
     root_depth = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -188,7 +198,7 @@ def _walk(
             if reason is not None:
                 skipped.append(SkippedFile(file, reason))
                 continue
-            consider(partial(_file_candidate, file, here, trust_pickle, skipped), file)
+            consider(partial(_file_candidate, file, here, trust_pickle, skipped, preloaded), file)
 
 
 def _side_file_reason(name: str) -> str | None:
@@ -261,7 +271,11 @@ def _identity(path: Path) -> tuple[tuple[int, int], int, float]:
 
 
 def _file_candidate(
-    file: Path, run_dir: Path, trust_pickle: bool, skipped: list[SkippedFile] | None = None
+    file: Path,
+    run_dir: Path,
+    trust_pickle: bool,
+    skipped: list[SkippedFile] | None = None,
+    preloaded: PreloadedFiles | None = None,
 ) -> _Candidate | None:
     kind = sniff(file)
     if kind is FileKind.OTHER:
@@ -282,27 +296,28 @@ def _file_candidate(
         fmt = CheckpointFormat.SAFETENSORS
         name_step, name_epoch = _name_position(file.name)
     else:
-        # only what the file holds and its step are needed here: the pass reads it whole
-        loaded = load_torch_file(file, trust_pickle=trust_pickle, outline=True)
-        if is_optimizer_state(loaded):
-            if skipped is not None:
-                skipped.append(SkippedFile(file, "optimizer state only, no model weights"))
-            return _NOT_A_CHECKPOINT
+        # Only what the file holds and its step are needed here. The first files are read
+        # whole and kept for the pass (`PreloadedFiles`); the others in outline, a third
+        # faster, and the pass reads them whole.
+        keep = preloaded if kind is FileKind.TORCH_ZIP else None
+        loaded = keep.load(file) if keep is not None else None
+        if loaded is None:
+            keep = None
+            loaded = load_torch_file(file, trust_pickle=trust_pickle, outline=True)
         try:
-            payload = interpret_payload(file, loaded)
-        except UnsafeCheckpointError:
+            position = _torch_position(file, loaded, skipped)
+        except CheckpointError:
+            if keep is not None:
+                keep.take(file)  # refused: nothing to keep it for
             raise
-        except CheckpointError as exc:
-            if "holds no model weights" in exc.problem or "holds a " in exc.problem:
-                if skipped is not None:
-                    skipped.append(SkippedFile(file, exc.problem))
-                return _NOT_A_CHECKPOINT
-            raise
-        step, epoch, fmt = payload.step, payload.epoch, payload.format
+        if position is None:
+            if keep is not None:
+                keep.take(file)  # skipped: likewise
+            return _NOT_A_CHECKPOINT
+        step, epoch, fmt = position
         name_step, name_epoch = _name_position(
             file.name, step_means_epoch=fmt is CheckpointFormat.TIMM
         )
-        del loaded, payload
     ref = CheckpointRef(
         label=str(file),
         weight_files=(file,),
@@ -313,6 +328,28 @@ def _file_candidate(
         step_from_metadata=step is not None,
     )
     return _Candidate(ref, run_dir, name_step, name_epoch, identity, size)
+
+
+def _torch_position(
+    file: Path, loaded: object, skipped: list[SkippedFile] | None
+) -> tuple[int | None, int | None, CheckpointFormat] | None:
+    """Step, epoch and format of a loaded torch file; None for a file that holds no model
+    weights (recorded in `skipped`)."""
+    if is_optimizer_state(loaded):
+        if skipped is not None:
+            skipped.append(SkippedFile(file, "optimizer state only, no model weights"))
+        return None
+    try:
+        payload = interpret_payload(file, loaded)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as exc:
+        if "holds no model weights" in exc.problem or "holds a " in exc.problem:
+            if skipped is not None:
+                skipped.append(SkippedFile(file, exc.problem))
+            return None
+        raise
+    return payload.step, payload.epoch, payload.format
 
 
 _NOT_A_CHECKPOINT = None  # a skipped file; its reason is already recorded

@@ -29,7 +29,7 @@ from bnwd_cli.checkpoints.formats import (
 )
 from bnwd_cli.checkpoints.keys import normalize_keys
 from bnwd_cli.checkpoints.mapped import NotMappableError, SafetensorsFile
-from bnwd_cli.checkpoints.safe_load import load_torch_file
+from bnwd_cli.checkpoints.safe_load import PreloadedFiles, load_torch_file
 from bnwd_cli.errors import CheckpointError
 
 
@@ -202,16 +202,22 @@ class OpenCheckpoint:
 
 
 def open_checkpoint(
-    ref: CheckpointRef, *, trust_pickle: bool = False, use_ema: bool = False
+    ref: CheckpointRef,
+    *,
+    trust_pickle: bool = False,
+    use_ema: bool = False,
+    preloaded: PreloadedFiles | None = None,
 ) -> OpenCheckpoint:
-    """Open a discovered checkpoint for lazy reads."""
+    """Open a discovered checkpoint for lazy reads (`preloaded`: what discovery already read,
+    `RunCheckpoints.preloaded`)."""
     kinds = {sniff(f) for f in ref.weight_files}
     if kinds == {FileKind.SAFETENSORS}:
         if use_ema:
             raise CheckpointError(ref.weight_files[0], "safetensors weights carry no EMA copy")
         return OpenCheckpoint(ref, SafetensorsSource(ref.weight_files), _trust_pickle=trust_pickle)
     payloads = [
-        _load_payload(f, trust_pickle=trust_pickle, use_ema=use_ema) for f in ref.weight_files
+        _load_payload(f, trust_pickle=trust_pickle, use_ema=use_ema, preloaded=preloaded)
+        for f in ref.weight_files
     ]
     merged: dict[str, np.ndarray] = {}
     for payload in payloads:
@@ -232,13 +238,16 @@ def open_checkpoint(
     )
 
 
-def _load_payload(path: Path, *, trust_pickle: bool, use_ema: bool) -> Payload:
+def _load_payload(
+    path: Path, *, trust_pickle: bool, use_ema: bool, preloaded: PreloadedFiles | None = None
+) -> Payload:
     kind = sniff(path)
     if kind not in (FileKind.TORCH_ZIP, FileKind.TORCH_LEGACY):
         raise CheckpointError(path, "is not a PyTorch or safetensors checkpoint")
-    return interpret_payload(
-        path, load_torch_file(path, trust_pickle=trust_pickle), use_ema=use_ema
-    )
+    loaded = preloaded.take(path) if preloaded is not None else None
+    if loaded is None:
+        loaded = load_torch_file(path, trust_pickle=trust_pickle)
+    return interpret_payload(path, loaded, use_ema=use_ema)
 
 
 def shard_files(index_file: Path) -> tuple[Path, ...]:
@@ -269,7 +278,9 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, Any]
     run = discover_run(path, trust_pickle=trust_pickle, strict=True)
     if len(run.checkpoints) != 1:
         raise CheckpointError(path, f"holds {len(run.checkpoints)} checkpoints; name one file")
-    with open_checkpoint(run.checkpoints[0], trust_pickle=trust_pickle) as ckpt:
+    with open_checkpoint(
+        run.checkpoints[0], trust_pickle=trust_pickle, preloaded=run.preloaded
+    ) as ckpt:
         return {name: to_torch(ckpt.weights.get(name)) for name in ckpt.weights.names()}
 
 

@@ -222,7 +222,10 @@ def analyze_run(
                 progress(position, total, ref.label)
             try:
                 current = open_checkpoint(
-                    ref, trust_pickle=options.trust_pickle, use_ema=options.use_ema
+                    ref,
+                    trust_pickle=options.trust_pickle,
+                    use_ema=options.use_ema,
+                    preloaded=run.preloaded,
                 )
             except CheckpointError as exc:
                 if options.strict or "re-run with" in exc.problem:
@@ -272,6 +275,8 @@ def analyze_run(
             visit.checkpoint.close()
         if previous is not None:
             previous.close()
+        if run.preloaded is not None:
+            run.preloaded.clear()  # what the pass did not take (skipped, duplicates)
     if progress is not None:
         progress(total, total, "")
     if not infos:
