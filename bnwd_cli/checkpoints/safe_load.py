@@ -71,7 +71,7 @@ class PreloadedFiles:
     Discovery has to unpickle every torch file to find its step; the pass unpickles it again
     to read its tensors. Read by the memory-mapped reader, a file's tensors are views of its
     map whose pages nothing has touched, so keeping the result costs only its Python objects
-    (about 100 KB for a ResNet-50 checkpoint with its optimizer state) and a map with nothing
+    (peak RSS +6 MB for 40 ResNet-50 checkpoints with their optimizer state) and a map with nothing
     resident. The first `capacity` files discovered are kept (the pass opens them first; a
     longer run reads the rest twice, as before). A file that changed since it was read is
     read again.
