@@ -18,6 +18,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -494,3 +495,59 @@ def test_table_golden_file(
 def kahan_angle(a: torch.Tensor, b: torch.Tensor) -> float:
     ua, ub = a / a.norm(), b / b.norm()
     return 2.0 * math.atan2(float((ua - ub).norm()), float((ua + ub).norm()))
+
+
+# ----------------------------------------------------------------------------- the process
+
+SAMPLE_RUN = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "sgd_no_conv_wd"
+
+
+def run_bnwd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """bnwd as a user runs it: a process of its own through the console-script entry point
+    (`main`, which skips the interpreter's teardown), not `CliRunner`."""
+    return subprocess.run(
+        [sys.executable, "-c", "from bnwd_cli.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        **kwargs,
+    )
+
+
+def test_process_writes_all_of_its_stdout_before_it_exits() -> None:
+    """The report reaches a pipe whole, however the process ends."""
+    done = run_bnwd("inspect", str(SAMPLE_RUN), "--format", "json")
+    assert done.returncode == EXIT_OK, done.stderr
+    report = json.loads(done.stdout)  # a cut-off document would not parse
+    assert [c["label"] for c in report["run"]["checkpoints"]] == sorted(
+        p.name for p in SAMPLE_RUN.glob("step_*.pt")
+    )
+    csv_done = run_bnwd("inspect", str(SAMPLE_RUN), "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(csv_done.stdout)))
+    assert len(rows) == len(report["layers"]) * len(report["run"]["checkpoints"])
+
+
+def test_process_exit_codes_and_messages() -> None:
+    missing = run_bnwd("inspect", "/nonexistent/run")
+    assert missing.returncode == EXIT_BAD_INPUT
+    assert missing.stdout == ""
+    assert "Traceback" not in missing.stderr and "/nonexistent/run" in missing.stderr
+
+
+def test_process_reader_that_went_away() -> None:
+    """`bnwd inspect RUN | head -c 100`: the reader leaves before the report is written. bnwd
+    ends quietly, as a command killed by SIGPIPE does (exit 141), not with an "internal error"
+    or Python's report of the failed flush of stdout."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from bnwd_cli.cli import main; main()", "inspect",
+         str(SAMPLE_RUN), "--format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before bnwd has written anything: its first write fails
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 141
+    assert "error" not in err and "Exception" not in err and "Traceback" not in err

@@ -11,6 +11,7 @@ import typer
 from bnwd_cli.errors import BnwdError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def _say(message: str) -> None:
@@ -28,6 +29,12 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         code = exc.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_BAD_INPUT)
+    from bnwd_cli.render.output import ReaderGone
+
+    if isinstance(exc, ReaderGone | BrokenPipeError):
+        # the reader of stdout went away (`bnwd inspect RUN | head`): end quietly, as a command
+        # killed by SIGPIPE does (Python ignores the signal and raises this instead)
+        return EXIT_BROKEN_PIPE
     if isinstance(exc, typer.Abort | KeyboardInterrupt):
         _say("interrupted")
         return 130

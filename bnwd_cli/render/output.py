@@ -49,12 +49,21 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+class ReaderGone(Exception):  # noqa: N818 (an event, not an error of the user's)
+    """The reader of stdout closed it before the data was written (`bnwd inspect RUN | head`).
+    The CLI ends quietly with exit code 141, as a command killed by SIGPIPE does."""
+
+
 def emit(text: str, output: Path | None) -> None:
     """Send rendered data to `output`, or to stdout when no file was asked for."""
     if output is None:
-        sys.stdout.write(text)
-        if text and not text.endswith("\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            if text and not text.endswith("\n"):
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # not an OSError any more: Typer would turn that into exit code 1, "gate failed"
+            raise ReaderGone from None
     else:
         write_atomically(output, text)
