@@ -618,6 +618,35 @@ def test_inputs_of_other_kinds_give_the_pair_figures(
     assert got[1].diff_norm == pytest.approx(float(np.linalg.norm(b - a)), rel=1e-12)
 
 
+@pytest.mark.parametrize("which", ["linear x float16", "linear x transposed", "adam y float16"])
+def test_steps_of_other_kinds_give_the_pair_figures(
+    which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step the compiled sweep cannot take (its x or its Adam y of a dtype it does not read,
+    or not C-contiguous) sends the window to the pair-by-pair path, with the same figures."""
+    tensors = walk((6, 40), 4, seed=9)
+    rng = np.random.default_rng(9)
+    x = 1e-3 * rng.standard_normal((6, 40)).astype(np.float32)
+    m, v = rng.standard_normal((6, 40)).astype(np.float32), rng.random((6, 40)).astype(np.float32)
+    odd: StepFormula
+    if which == "linear x float16":
+        odd = StepFormula(LINEAR, x.astype(np.float16), scale=-0.5)
+    elif which == "linear x transposed":
+        odd = StepFormula(LINEAR, np.ascontiguousarray(x.T).T, scale=-0.5)
+    else:
+        odd = StepFormula(ADAM, m, v.astype(np.float16), scale=-1e-3, c1=0.5, rc2=0.2, eps=1e-8)
+    steps: list[StepFormula | None] = [StepFormula(LINEAR, x, scale=-0.5), odd, None]
+    spy = Spy(monkeypatch, "_window_by_pairs")
+    got = window_stats(tensors[1:], tensors[0], per_row=True, steps=steps)
+    assert spy.calls["_window_by_pairs"] == 1
+    assert_same_windows(got, by_pairs(tensors[1:], tensors[0], per_row=True, steps=steps))
+    step = got[1].step_stats
+    assert step is not None
+    b = f64(tensors[2])
+    d = odd.evaluate(b)  # the step in float64, as the optimizer formula gives it
+    assert step.diff_norm == pytest.approx(float(np.linalg.norm(d)), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- pieces
 
 

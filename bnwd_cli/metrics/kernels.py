@@ -275,24 +275,28 @@ def window_stats(
             raise ValueError(f"shapes differ: {tuple(t.shape)} vs {shape}")
     chain = [before, *arrays]
     extras = [s.rows(per_row) if s is not None else None for s in step_list]
+    # element kinds, once each (a reshape to the rows layout keeps a C-contiguous array's kind)
+    kinds = tuple(_kind(t) for t in chain)
+    step_kinds = [
+        None if e is None else (_kind(e.x), _kind(e.y) if e.y is not None else None) for e in extras
+    ]
     if (
         count == 0
         or count > WINDOW_MAX
         or arrays[0].size == 0
         or not compiled()
-        or any(_kind(t) is None for t in chain)
+        or None in kinds
         or any(
-            _kind(e.x) is None or (e.y is not None and _kind(e.y) is None)
-            for e in extras
-            if e is not None
+            k[0] is None or (e.y is not None and k[1] is None)
+            for e, k in zip(extras, step_kinds, strict=True)
+            if e is not None and k is not None
         )
     ):
         return _window_by_pairs(arrays, before, per_row, step_list, release)
     rows_layout = [as_rows(t, per_row) if t is not None else None for t in chain]
     rows, cols = rows_layout[1].shape  # type: ignore[union-attr]
     out = np.zeros((count, _SUMS, rows))
-    kinds = tuple(_kind(t) if t is not None else 0 for t in rows_layout)
-    specs = tuple(_spec(e) for e in extras)
+    specs = tuple(_spec(e, k) for e, k in zip(extras, step_kinds, strict=True))
     inputs = [t for t in rows_layout if t is not None]
     for e in extras:
         if e is not None:
@@ -589,14 +593,23 @@ def _kind(t: np.ndarray | None) -> int | None:
     return _KINDS.get(t.dtype) if t.dtype.isnative else None
 
 
-def _spec(step: np.ndarray | StepFormula | None) -> tuple[Any, ...] | None:
+def _spec(
+    step: np.ndarray | StepFormula | None,
+    kinds: tuple[int | None, int | None] | None = None,
+) -> tuple[Any, ...] | None:
+    """The compiled sweep's tuple for a step (`kinds`: those of its x and y, if known)."""
     if step is None:
         return None
     if isinstance(step, np.ndarray):
         step = StepFormula(LINEAR, step)
-    y = step.y if step.y is not None else step.x
+    x_kind, y_kind = kinds if kinds is not None else (_kind(step.x), None)
+    if step.y is None:
+        y, y_kind = step.x, x_kind
+    else:
+        y = step.y
+        y_kind = y_kind if kinds is not None else _kind(y)
     return (
-        step.kind, step.x, _kind(step.x), y, _kind(y),
+        step.kind, step.x, x_kind, y, y_kind,
         step.scale, step.c1, step.rc2, step.eps, step.decay,
     )  # fmt: skip
 
