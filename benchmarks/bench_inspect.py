@@ -20,8 +20,9 @@ for a smaller (or larger) model. The timed run (`--checkpoints`, default 20) and
 (`--memory-checkpoints`, default 5, 10 and 40) are folders of hard links to the first N files of `all/`,
 so the data is written once (12 GB with the defaults; kept for the next run, `--clean` deletes
 it). Each contender runs as its own process, the three take turns, and the files are read once
-untimed before every run; wall time is the median of `--repeat` runs and peak RSS comes from
-`wait4` (the child's `ru_maxrss`). The memory runs also give the cost of each further checkpoint
+untimed before every run; wall time is the median of `--repeat` runs, and peak RSS and CPU time
+(user + system: the work done, however it is spread over the cores) come from `wait4` (the
+child's `ru_maxrss`, `ru_utime`, `ru_stime`). The memory runs also give the cost of each further checkpoint
 ((T40 - T5) / 35), which separates throughput from the fixed start-up cost.
 
     .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 4 minutes
@@ -231,6 +232,9 @@ OBVIOUS_SCRIPT = textwrap.dedent(
 class Measurement:
     seconds: float
     peak_rss_mb: float
+    cpu_seconds: float = 0.0
+    """User + system time of the process (both cores together): the work, however it is
+    spread over the cores. Wall time can never go below cpu_seconds / cores."""
 
 
 def measure(command: list[str]) -> Measurement:
@@ -244,7 +248,8 @@ def measure(command: list[str]) -> Measurement:
     err = process.stderr.read().decode(errors="replace")
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{err}")
-    return Measurement(seconds, usage.ru_maxrss / 1000)  # ru_maxrss is in KiB on Linux
+    # ru_maxrss is in KiB on Linux
+    return Measurement(seconds, usage.ru_maxrss / 1000, usage.ru_utime + usage.ru_stime)
 
 
 def interleaved(
@@ -263,7 +268,9 @@ def interleaved(
             runs[name].append(measure(command))
     return {
         name: Measurement(
-            statistics.median(r.seconds for r in found), max(r.peak_rss_mb for r in found)
+            statistics.median(r.seconds for r in found),
+            max(r.peak_rss_mb for r in found),
+            statistics.median(r.cpu_seconds for r in found),
         )
         for name, found in runs.items()
     }
@@ -357,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(OBVIOUS_SCRIPT)
     failures: list[str] = []
     lines: list[str] = []
+    floors: list[str] = []
     load_before = os.getloadavg()[0]
     try:
         lines.append(
@@ -366,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         lines.append("")
         lines.append(
-            "| format | data | contender | wall s | x raw read | obvious / this | peak RSS MB |"
+            "| format | data | contender | wall s | x raw read | obvious / this | CPU s "
+            "| peak RSS MB |"
         )
-        lines.append("|---|---|---|---:|---:|---:|---:|")
+        lines.append("|---|---|---|---:|---:|---:|---:|---:|")
         for fmt in formats:
             folder = subset(args.data, fmt, args.checkpoints)
             files = sorted(folder.iterdir())
@@ -390,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, m in (("raw read (cat)", raw), ("obvious script", obvious), ("bnwd", ours)):
                 lines.append(
                     f"| {fmt} | {data} | {label} | {m.seconds:.2f} | {m.seconds / raw.seconds:.2f} "
-                    f"| {obvious.seconds / m.seconds:.2f} | {m.peak_rss_mb:.0f} |"
+                    f"| {obvious.seconds / m.seconds:.2f} | {m.cpu_seconds:.2f} "
+                    f"| {m.peak_rss_mb:.0f} |"
                 )
             if ours.seconds > 1.5 * raw.seconds:
                 failures.append(f"{fmt}: bnwd {ours.seconds / raw.seconds:.2f}x raw read (> 1.5x)")
@@ -400,11 +410,19 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(
                     f"{fmt}: relative steps differ from the obvious script's by {disagreement:.1e}"
                 )
+            cores = os.cpu_count() or 1
+            floors.append(
+                f"{fmt}: bnwd used {ours.cpu_seconds:.2f} CPU-s; spread perfectly over {cores} "
+                f"cores that work takes at least {ours.cpu_seconds / cores:.2f} s "
+                f"({ours.cpu_seconds / cores / raw.seconds:.2f}x the raw read)"
+            )
             lines_note = (
                 f"{fmt}: largest relative difference of bnwd's relative steps from the (float32) "
                 f"obvious script's: {disagreement:.1e}"
             )
             print(lines_note, file=sys.stderr)
+        lines.append("")
+        lines.extend(floors)
         lines.append("")
         lines.append(
             "| format | checkpoints | one checkpoint MB | bnwd peak RSS MB | budget MB "
