@@ -13,7 +13,9 @@ import csv
 import io
 import json
 import math
+import os
 import re
+import stat
 import subprocess
 import sys
 from importlib import metadata
@@ -322,6 +324,32 @@ def test_output_file_and_nothing_on_stdout(
     on_stdout = json.loads(invoke(["inspect", folder, "--format", "json"]).stdout)
     assert written == on_stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
+
+
+def test_output_file_gets_the_permissions_open_would_give(
+    run3: tuple[Path, list, list[Path]], tmp_path: Path
+) -> None:
+    """The report is written through a private temporary file (mode 0600); the file left
+    behind is readable as any file the user creates (umask), and one it replaces keeps its
+    mode."""
+    folder, _, _ = run3
+    fresh = tmp_path / "fresh.csv"
+    old_umask = os.umask(0o022)
+    try:
+        assert invoke(["inspect", folder, "--format", "csv", "-o", fresh]).exit_code == EXIT_OK
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        os.umask(0o077)
+        private = tmp_path / "private.csv"
+        assert invoke(["inspect", folder, "--format", "csv", "-o", private]).exit_code == EXIT_OK
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
+    shared = tmp_path / "shared.csv"
+    shared.write_text("old report\n")
+    shared.chmod(0o664)
+    assert invoke(["inspect", folder, "--format", "csv", "-o", shared]).exit_code == EXIT_OK
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+    assert shared.read_text().startswith("checkpoint,")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ behind and stdout only ever carries the requested data.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 from enum import StrEnum
@@ -40,6 +41,9 @@ def write_atomically(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+        # mkstemp makes the file private (0600); give it the mode a plain `open` would: the
+        # replaced file's, or what the umask allows
+        Path(tmp).chmod(_mode_for(path))
         Path(tmp).replace(path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -47,6 +51,17 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """Permission bits for a file written at `path`: those of the file it replaces, else
+    0666 less the process's umask (as `open` would create it)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 class ReaderGone(Exception):  # noqa: N818 (an event, not an error of the user's)
