@@ -1,0 +1,148 @@
+"""The JSON writer of every `--format json` (`render/serialize.py`), against the json module.
+
+- `dumps` gives back the document it was handed (json.loads), for random documents;
+- its layout: every object or array holding no object (nor an array of objects) is on one line,
+  exactly as `json.dumps` writes it compactly; every other container spans several lines;
+- `_compact` (the json module's C encoder, made once) equals `json.dumps` for any value, and
+  refuses NaN and infinities as `json.dumps(allow_nan=False)` does;
+- `to_data`: NaN and infinities become null, enums their values, paths strings, numpy arrays
+  lists, dataclasses objects of their fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnwd_cli.render.serialize import _compact, dumps, to_data
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+documents = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=40,
+)
+# strings without brackets or braces, so that no string's text can look like a container's
+plain = st.text(alphabet="abcxyz é", max_size=8)
+plain_documents = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | plain,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(plain, inner, max_size=5),
+    max_leaves=40,
+)
+
+
+def compact_reference(value: Any) -> str:
+    return json.dumps(value, separators=(", ", ": "), allow_nan=False)
+
+
+def is_flat(value: Any) -> bool:
+    """The writer's rule: no item is an object, nor an array holding an object or array."""
+    items = value.values() if isinstance(value, dict) else value
+    for item in items:
+        if isinstance(item, dict):
+            return False
+        if isinstance(item, list) and any(isinstance(v, dict | list) for v in item):
+            return False
+    return True
+
+
+def containers(value: Any) -> list[Any]:
+    found = []
+    if isinstance(value, dict | list):
+        found.append(value)
+        for item in value.values() if isinstance(value, dict) else value:
+            found += containers(item)
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents)
+def test_dumps_round_trips(document: Any) -> None:
+    text = dumps(document)
+    assert text.endswith("\n")
+    assert json.loads(text) == document
+
+
+@settings(max_examples=300, deadline=None)
+@given(plain_documents)
+def test_dumps_writes_flat_containers_on_one_line_and_no_other(document: Any) -> None:
+    text = dumps(document)
+    for container in containers(document):
+        if not container:
+            continue
+        one_line = compact_reference(container)
+        if is_flat(container):
+            assert one_line in text
+        else:
+            assert one_line not in text  # spread over several lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents)
+def test_compact_equals_json_dumps(value: Any) -> None:
+    assert _compact(value) == compact_reference(value)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, [1.0, math.nan], {"x": math.inf}])
+def test_compact_refuses_what_json_cannot_hold(bad: Any) -> None:
+    with pytest.raises(ValueError):
+        compact_reference(bad)
+    with pytest.raises(ValueError):
+        _compact(bad)
+
+
+class Colour(Enum):
+    RED = "red"
+
+
+@dataclass(frozen=True)
+class Point:
+    step: int
+    norm: float
+    angle: float | None
+    kind: Colour
+    where: Path
+    rows: np.ndarray
+    betas: tuple[float, float] | None
+
+
+def test_to_data_makes_json_values() -> None:
+    point = Point(
+        3, math.nan, -math.inf, Colour.RED, Path("runs/a"), np.array([1.5, 2.0]), (0.9, 0.999)
+    )
+    data = to_data([point, {"k": (1, math.inf)}, np.float64(0.25)])
+    assert data == [
+        {
+            "step": 3,
+            "norm": None,
+            "angle": None,
+            "kind": "red",
+            "where": "runs/a",
+            "rows": [1.5, 2.0],
+            "betas": [0.9, 0.999],
+        },
+        {"k": [1, None]},
+        0.25,
+    ]
+    assert json.loads(dumps(data)) == data
