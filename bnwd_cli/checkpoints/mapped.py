@@ -297,8 +297,8 @@ _STORAGE_DTYPES = {name: _StorageType(np.dtype(dtype)) for name, dtype in _STORA
 
 
 OUTLINE_MAX = 16
-_INT_ONLY = frozenset({int})
 """In an outline load, storages of more elements than this come back as empty placeholders."""
+_INT_ONLY = frozenset({int})
 
 
 _ZipRecord = tuple[int, int, int, int]
