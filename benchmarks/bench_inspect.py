@@ -37,8 +37,10 @@ Exit status 1 when a target is missed (the table says which), 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
+import mmap
 import os
 import shutil
 import statistics
@@ -252,20 +254,35 @@ def measure(command: list[str]) -> Measurement:
     return Measurement(seconds, usage.ru_maxrss / 1000, usage.ru_utime + usage.ru_stime)
 
 
+WARM = 0.999
+"""A timed run counts when at least this fraction of the files' pages was in the page cache
+just before it and just after it."""
+
+
+@dataclass
+class CacheLog:
+    """What the page cache did around the timed runs."""
+
+    coldest: float = 1.0
+    """The smallest resident fraction seen before or after a run that was kept."""
+    repeated: int = 0
+    """Runs timed again because pages were evicted around them."""
+
+
 def interleaved(
-    commands: dict[str, list[str]], files: list[Path], repeat: int
+    commands: dict[str, list[str]], files: list[Path], repeat: int, log: CacheLog
 ) -> dict[str, Measurement]:
     """Median wall time and largest peak RSS of each command over `repeat` rounds.
 
     Contenders take turns (load from other processes drifts), and the files are read once,
     untimed, before every run: this VM reclaims page cache it sees as cold (kdamond), so
-    "warm" has to be re-established each time.
+    "warm" has to be re-established each time. A run around which pages were evicted (they
+    were read from disk, by `cat` or by bnwd) is timed again, up to twice.
     """
     runs: dict[str, list[Measurement]] = {name: [] for name in commands}
     for _ in range(repeat):
         for name, command in commands.items():
-            warm(files)
-            runs[name].append(measure(command))
+            runs[name].append(timed_warm(command, files, log))
     return {
         name: Measurement(
             statistics.median(r.seconds for r in found),
@@ -285,6 +302,86 @@ def bnwd_command(folder: Path, output: Path, extra: list[str]) -> list[str]:
 
 def warm(files: list[Path]) -> None:
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def timed_warm(command: list[str], files: list[Path], log: CacheLog) -> Measurement:
+    """`measure(command)` with every page of `files` in the page cache before and after."""
+    for attempt in range(3):
+        warm(files)
+        before = resident_fraction(files)
+        if before < WARM:
+            warm(files)
+            before = resident_fraction(files)
+        found = measure(command)
+        after = resident_fraction(files)
+        if min(before, after) >= WARM or attempt == 2:
+            log.coldest = min(log.coldest, before, after)
+            return found
+        log.repeated += 1
+    raise AssertionError("unreachable")
+
+
+POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.12 names it
+
+
+def huge_fraction(files: list[Path]) -> float | None:
+    """Fraction of the files' bytes whose page cache is in 2 MiB folios, which map with one
+    page-table entry (a map of each file populated, then `FilePmdMapped` of /proc/self/smaps).
+    Both `cat` and bnwd slow down when the cache is in small folios (the files were evicted and
+    read back), `cat` the more: it copies page by page. None where Linux does not tell."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return None
+    total = huge_kb = 0
+    maps = []
+    try:
+        for path in files:
+            size = path.stat().st_size
+            if size == 0:
+                continue
+            with path.open("rb") as handle:
+                m = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            maps.append(m)
+            m.madvise(POPULATE_READ)
+            total += size
+        names = {str(p.resolve()) for p in files}
+        current = False
+        for line in smaps.read_text().splitlines():
+            if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                current = line.split()[-1] in names
+            elif current and line.startswith("FilePmdMapped:"):
+                huge_kb += int(line.split()[1])
+    finally:
+        for m in maps:
+            m.close()
+    return huge_kb * 1024 / total if total else None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+def resident_fraction(files: list[Path]) -> float:
+    """Fraction of the files' pages in the page cache (mincore on a fresh read-only map)."""
+    import numpy as np
+
+    page = mmap.PAGESIZE
+    total = resident = 0
+    for path in files:
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pages = -(-size // page)
+            vec = (ctypes.c_ubyte * pages)()
+            view = np.frombuffer(m, dtype=np.uint8, count=1)
+            address = view.__array_interface__["data"][0]
+            if _libc.mincore(ctypes.c_void_p(address), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
+            del view
+            resident += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
+            total += pages
+    return resident / total if total else 1.0
 
 
 def check_agreement(bnwd_json: Path, obvious_json: Path) -> float:
@@ -365,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     lines: list[str] = []
     floors: list[str] = []
+    cache = CacheLog()
     load_before = os.getloadavg()[0]
     try:
         lines.append(
@@ -392,8 +490,15 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 files,
                 args.repeat,
+                cache,
             )
             raw, obvious, ours = timed["raw"], timed["obvious"], timed["bnwd"]
+            huge = huge_fraction(files)
+            if huge is not None:
+                floors.append(
+                    f"{fmt}: {100 * huge:.0f}% of the files' page cache in 2 MiB folios "
+                    "(the rest in smaller ones: slower to copy and to map, for cat and bnwd)"
+                )
             disagreement = check_agreement(out_json, obvious_json)
             data = f"{len(files)} x {one_mb:.0f} MB"
             for label, m in (("raw read (cat)", raw), ("obvious script", obvious), ("bnwd", ours)):
@@ -436,10 +541,10 @@ def main(argv: list[str] | None = None) -> int:
                 folder = subset(args.data, fmt, n)
                 files = sorted(folder.iterdir())
                 one_mb = max(f.stat().st_size for f in files) / MB
-                warm(files)
-                raw = measure(["cat", *map(str, files)])
-                warm(files)
-                m = measure(bnwd_command(folder, scratch / "memory.json", args.bnwd_arg))
+                raw = timed_warm(["cat", *map(str, files)], files, cache)
+                m = timed_warm(
+                    bnwd_command(folder, scratch / "memory.json", args.bnwd_arg), files, cache
+                )
                 runs.append((n, m, raw))
                 lines.append(
                     f"| {fmt} | {n} | {one_mb:.0f} | {m.peak_rss_mb:.0f} | {one_mb + 300:.0f} "
@@ -473,6 +578,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.data, ignore_errors=True)
     load_after = os.getloadavg()[0]
     lines.append(f"load average before / after: {load_before:.2f} / {load_after:.2f}")
+    lines.append(
+        f"page cache: at least {100 * cache.coldest:.2f}% of the files resident before and after "
+        f"every timed run; {cache.repeated} run(s) timed again after pages were evicted"
+    )
+    if cache.coldest < WARM:
+        failures.append(
+            f"page cache not warm ({100 * cache.coldest:.1f}% resident): timings unsure"
+        )
     print("\n".join(lines))
     for failure in failures:
         print(f"MISSED: {failure}")
