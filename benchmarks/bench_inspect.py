@@ -357,6 +357,19 @@ def huge_fraction(files: list[Path]) -> float | None:
     return huge_kb * 1024 / total if total else None
 
 
+def huge_fraction_in_child(files: list[Path]) -> float | None:
+    """`huge_fraction` in a process of its own: mapping the files in this one would raise the
+    peak RSS every later child reports (see `main`)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--folio-fraction", *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    text = done.stdout.strip()
+    return None if text == "None" else float(text)
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 
@@ -424,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bnwd-arg", action="append", default=[], help="extra bnwd argument")
     parser.add_argument("--clean", action="store_true", help="delete --data when done")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folio-fraction", nargs="+", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.folio_fraction:
+        print(huge_fraction(args.folio_fraction))
+        return 0
 
     memory_counts = sorted(int(c) for c in args.memory_checkpoints.split(","))
     formats = [f for f in args.formats.split(",") if f]
@@ -493,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache,
             )
             raw, obvious, ours = timed["raw"], timed["obvious"], timed["bnwd"]
-            huge = huge_fraction(files)
+            huge = huge_fraction_in_child(files)
             if huge is not None:
                 floors.append(
                     f"{fmt}: {100 * huge:.0f}% of the files' page cache in 2 MiB folios "
