@@ -17,13 +17,17 @@ The script writes a synthetic run in each format under --data (outside the repos
 with ResNet-50 tensor shapes (bottlenecks [3, 4, 6, 3], BN with running stats, fc 2048x1000:
 25.6M parameters, 102 MB of float32 weights per checkpoint). `--params` scales the channel widths
 for a smaller (or larger) model. The timed run (`--checkpoints`, default 20) and the memory runs
-(`--memory-checkpoints`, default 5, 10 and 40) are folders of hard links to the first N files of `all/`,
-so the data is written once (12 GB with the defaults; kept for the next run, `--clean` deletes
-it). Each contender runs as its own process, the three take turns, and the files are read once
-untimed before every run; wall time is the median of `--repeat` runs, and peak RSS and CPU time
-(user + system: the work done, however it is spread over the cores) come from `wait4` (the
-child's `ru_maxrss`, `ru_utime`, `ru_stime`). The memory runs also give the cost of each further checkpoint
-((T40 - T5) / 35), which separates throughput from the fixed start-up cost.
+(`--memory-checkpoints`, default 5, 10 and 40) are folders of hard links to the first N files of
+`all/`, so the data is written once (12 GB with the defaults; kept for the next run, `--clean`
+deletes it). Each contender runs as its own process, the three take turns, and the files are
+read once untimed before every run; a run counts only if every page of its files was in the
+page cache before and after it (`mincore`), else it is timed again. Wall time is the median of
+`--repeat` runs; peak RSS and CPU time (user + system: the work done, however it is spread over
+the cores) come from `wait4` (the child's `ru_maxrss`, `ru_utime`, `ru_stime`). The memory runs
+also give the cost of each further checkpoint ((T40 - T5) / 35), which separates throughput from
+the fixed start-up cost. The share of the files' page cache in 2 MiB folios is printed too: with
+the files read back from disk in small folios, `cat` takes up to twice as long (README,
+Performance).
 
     .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 4 minutes
     .venv/bin/python benchmarks/bench_inspect.py --optimizer adam --formats torch \\
