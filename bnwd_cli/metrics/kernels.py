@@ -602,12 +602,12 @@ def _spec(
         return None
     if isinstance(step, np.ndarray):
         step = StepFormula(LINEAR, step)
-    x_kind, y_kind = kinds if kinds is not None else (_kind(step.x), None)
-    if step.y is None:
-        y, y_kind = step.x, x_kind
+    y = step.y if step.y is not None else step.x  # (a linear step has no y: x stands in)
+    if kinds is None:
+        x_kind, y_kind = _kind(step.x), _kind(y)
     else:
-        y = step.y
-        y_kind = y_kind if kinds is not None else _kind(y)
+        x_kind = kinds[0]
+        y_kind = kinds[1] if step.y is not None else x_kind
     return (
         step.kind, step.x, x_kind, y, y_kind,
         step.scale, step.c1, step.rc2, step.eps, step.decay,
