@@ -579,3 +579,20 @@ def test_process_reader_that_went_away() -> None:
     err = process.stderr.read()
     assert process.wait(timeout=120) == 141
     assert "error" not in err and "Exception" not in err and "Traceback" not in err
+
+
+def test_process_under_a_profiler_exits_normally(tmp_path: Path) -> None:
+    """bnwd skips the interpreter's teardown, except under a profiler or coverage, which write
+    their data then: `python -m cProfile -o FILE -m bnwd_cli ...` must leave FILE."""
+    stats = tmp_path / "bnwd.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "bnwd_cli", "inspect",
+         str(SAMPLE_RUN), "--format", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_OK, done.stderr
+    assert done.stdout.startswith("checkpoint,")
+    assert stats.stat().st_size > 0
