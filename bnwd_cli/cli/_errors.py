@@ -31,9 +31,10 @@ def exit_code_for(exc: BaseException) -> int:
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_BAD_INPUT)
     from bnwd_cli.render.output import ReaderGone
 
-    if isinstance(exc, ReaderGone | BrokenPipeError):
+    if isinstance(exc, ReaderGone):
         # the reader of stdout went away (`bnwd inspect RUN | head`): end quietly, as a command
-        # killed by SIGPIPE does (Python ignores the signal and raises this instead)
+        # killed by SIGPIPE does (`emit` raises it; a BrokenPipeError never gets here, Typer
+        # turns it into exit code 1 first)
         return EXIT_BROKEN_PIPE
     if isinstance(exc, typer.Abort | KeyboardInterrupt):
         _say("interrupted")
