@@ -596,3 +596,50 @@ def test_process_under_a_profiler_exits_normally(tmp_path: Path) -> None:
     assert done.returncode == EXIT_OK, done.stderr
     assert done.stdout.startswith("checkpoint,")
     assert stats.stat().st_size > 0
+
+
+BLAS_PROBE = """
+import os, sys
+import bnwd_cli.cli.app
+cli = sys.modules["bnwd_cli.cli.app"]
+def probe():  # in place of the Typer app: what a command finds once numpy is imported
+    import numpy  # noqa: F401
+    print(len(os.listdir("/proc/self/task")), os.environ.get("OPENBLAS_NUM_THREADS"))
+    raise SystemExit(0)
+cli.app = probe
+cli.main()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize(
+    ("command", "user_setting", "expected"),
+    [
+        ("inspect", None, "1"),
+        ("check", None, "1"),
+        ("inspect", "2", "2"),  # the user's setting is kept
+        ("verify-invariance", None, None),  # runs a model: torch's BLAS keeps its threads
+    ],
+)
+def test_commands_without_linear_algebra_start_no_blas_threads(
+    command: str, user_setting: str | None, expected: str | None
+) -> None:
+    """OpenBLAS starts a spinning thread per core when numpy is imported; `inspect` and
+    `check` never call it, so the process keeps to its own threads."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    }
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    done = subprocess.run(
+        [sys.executable, "-c", BLAS_PROBE, command, "RUN"],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    threads, setting = done.stdout.split()
+    assert setting == str(expected)
+    cores = len(os.sched_getaffinity(0))
+    if expected == "1":
+        assert threads == "1"
+    elif cores > 1:  # numpy's OpenBLAS left alone starts threads: the check above can fail
+        assert int(threads) > 1
