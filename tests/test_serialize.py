@@ -6,7 +6,9 @@
 - `_compact` (the json module's C encoder, made once) equals `json.dumps` for any value, and
   refuses NaN and infinities as `json.dumps(allow_nan=False)` does;
 - `to_data`: NaN and infinities become null, enums their values, paths strings, numpy arrays
-  lists, dataclasses objects of their fields.
+  lists, dataclasses objects of their fields;
+- `iter_dumps` (a document written in pieces, `Lazy` arrays item by item) joins to `dumps` of
+  the same document with each `Lazy` a list, and makes each item only when it writes it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnwd_cli.render.serialize import _compact, dumps, to_data
+from bnwd_cli.render.serialize import Lazy, _compact, dumps, iter_dumps, to_data
 
 scalars = (
     st.none()
@@ -146,3 +148,43 @@ def test_to_data_makes_json_values() -> None:
         0.25,
     ]
     assert json.loads(dumps(data)) == data
+
+
+objects = st.dictionaries(st.text(max_size=8), documents, min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=st.dictionaries(st.text(max_size=8), documents, max_size=4),
+    items=st.lists(objects, max_size=5),
+    tail=st.dictionaries(st.text(max_size=8), documents, max_size=3),
+    run=objects,
+)
+def test_iter_dumps_joins_to_dumps(
+    head: dict[str, Any], items: list[Any], tail: dict[str, Any], run: dict[str, Any]
+) -> None:
+    # a document as a report's: an object somewhere (it spans several lines), then a Lazy array
+    document = {
+        "run": run,
+        **{f"{k}^": v for k, v in head.items()},
+        "layers": items,
+        **{f"{k}~": v for k, v in tail.items()},
+    }
+    lazy = {**document, "layers": Lazy(iter(items))}
+    pieces = list(iter_dumps(lazy))
+    assert "".join(pieces) == dumps(document)
+    assert len(pieces) == len(items) + 1  # an item per piece, then the rest
+
+
+def test_iter_dumps_makes_each_item_when_it_writes_it() -> None:
+    made: list[int] = []
+
+    def items() -> Any:
+        for i in range(3):
+            made.append(i)
+            yield {"i": i, "points": [{"x": 0.5}]}
+
+    pieces = iter_dumps({"run": {"a": 1}, "layers": Lazy(items())})
+    first = next(pieces)
+    assert made == [0] and '"i": 0' in first and '"i": 1' not in first
+    assert '"i": 1' in next(pieces) and made == [0, 1]

@@ -55,7 +55,7 @@ def inspect(
     updates and effective learning rates over the run's checkpoints."""
     from bnwd_cli.metrics.dynamics import analyze_run
     from bnwd_cli.render.console import say_note, say_warning
-    from bnwd_cli.render.dynamics import render
+    from bnwd_cli.render.dynamics import render_pieces
     from bnwd_cli.render.output import emit
     from bnwd_cli.render.progress import checkpoint_progress
 
@@ -80,4 +80,4 @@ def inspect(
     if list_skipped:
         for skipped in report.run.skipped:
             say_note(f"skipped {skipped.path}: {skipped.reason}")
-    emit(render(report, fmt, per_checkpoint=per_checkpoint), output)
+    emit(render_pieces(report, fmt, per_checkpoint=per_checkpoint), output)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from bnwd_cli._version import __version__
@@ -19,7 +19,7 @@ from bnwd_cli.render.audit import (
 )
 from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
-from bnwd_cli.render.serialize import dumps, to_data
+from bnwd_cli.render.serialize import Lazy, iter_dumps, to_data
 
 if TYPE_CHECKING:  # Rich is imported where a table is drawn (render.console)
     from rich.table import Table
@@ -239,6 +239,11 @@ CSV_COLUMNS = (
 
 def render_csv(report: RunDynamics) -> str:
     """Tidy CSV: one row per checkpoint x layer."""
+    return "".join(render_csv_pieces(report))
+
+
+def render_csv_pieces(report: RunDynamics) -> Iterator[str]:
+    """`render_csv` a layer at a time."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -279,7 +284,10 @@ def render_csv(report: RunDynamics) -> str:
                     _cell(p.eps),
                 ]
             )
-    return buffer.getvalue()
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
 
 
 def _cell(value: float | int | None) -> str:
@@ -291,6 +299,22 @@ def _cell(value: float | int | None) -> str:
 
 
 def report_document(report: RunDynamics) -> dict[str, object]:
+    """The JSON document of a report, as plain data."""
+    return _document(report, [_layer_document(layer) for layer in report.layers])
+
+
+def _layer_document(layer: LayerDynamics) -> dict[str, object]:
+    return {
+        "name": layer.name,
+        "shape": list(layer.shape),
+        "classification": to_data(layer.classification),
+        "summary": to_data(layer.summary),
+        "points": to_data(layer.points),
+        "equilibrium": to_data(layer.equilibrium),
+    }
+
+
+def _document(report: RunDynamics, layers: object) -> dict[str, object]:
     run = report.run
     return {
         "schema_version": SCHEMA_VERSION,
@@ -304,17 +328,7 @@ def report_document(report: RunDynamics) -> dict[str, object]:
         },
         "optimizer_family": to_data(report.optimizer_family),
         "classification_method": report.classification_method.value,
-        "layers": [
-            {
-                "name": layer.name,
-                "shape": list(layer.shape),
-                "classification": to_data(layer.classification),
-                "summary": to_data(layer.summary),
-                "points": to_data(layer.points),
-                "equilibrium": to_data(layer.equilibrium),
-            }
-            for layer in report.layers
-        ],
+        "layers": layers,
         "audit": to_data(report.audit),
         "warnings": list(report.warnings),
         "notes": list(report.notes),
@@ -322,7 +336,13 @@ def report_document(report: RunDynamics) -> dict[str, object]:
 
 
 def render_json(report: RunDynamics) -> str:
-    return dumps(report_document(report))
+    return "".join(render_json_pieces(report))
+
+
+def render_json_pieces(report: RunDynamics) -> Iterator[str]:
+    """`render_json` a layer at a time (`iter_dumps`): a long run's report is never held as
+    one document or one text."""
+    return iter_dumps(_document(report, Lazy(map(_layer_document, report.layers))))
 
 
 def render_markdown(report: RunDynamics) -> str:
@@ -353,6 +373,18 @@ def render_markdown(report: RunDynamics) -> str:
     lines += equilibrium_markdown(report)
     lines += audit_markdown(report.audit)
     return "\n".join(lines)
+
+
+def render_pieces(
+    report: RunDynamics, fmt_: OutputFormat, *, per_checkpoint: bool = False
+) -> Iterator[str]:
+    """`render` in pieces: CSV and JSON (a row or a point per layer per checkpoint) a layer at
+    a time, the tables whole."""
+    if fmt_ is OutputFormat.CSV:
+        return render_csv_pieces(report)
+    if fmt_ is OutputFormat.JSON:
+        return render_json_pieces(report)
+    return iter((render(report, fmt_, per_checkpoint=per_checkpoint),))
 
 
 def render(report: RunDynamics, fmt_: OutputFormat, *, per_checkpoint: bool = False) -> str:

@@ -1,7 +1,8 @@
 """Where rendered text goes: stdout, or a file written atomically.
 
-Commands render to a string first and hand it here, so a failed run never leaves half a file
-behind and stdout only ever carries the requested data.
+Commands hand their rendered text here once the analysis is done, so a failed run never leaves
+half a file behind and stdout only ever carries the requested data. Long reports come in pieces
+(a layer at a time), so that their text is never held whole.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 
@@ -26,8 +28,9 @@ class OutputFormat(StrEnum):
     MARKDOWN = "markdown"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+def write_atomically(path: Path, text: str | Iterable[str]) -> None:
+    """Write `text` (or its pieces) to `path` through a temporary file in the same folder and a
+    rename: `path` is left as it was if anything fails before the end."""
     folder = path.parent if str(path.parent) else Path()
     if not folder.is_dir():
         raise UsageError(f"--output {path}: folder {folder} does not exist")
@@ -40,7 +43,7 @@ def write_atomically(path: Path, text: str) -> None:
         raise UsageError(f"--output {path}: cannot write there ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+            handle.writelines(_pieces(text))
         # mkstemp makes the file private (0600); give it the mode a plain `open` would: the
         # replaced file's, or what the umask allows
         Path(tmp).chmod(_mode_for(path))
@@ -81,12 +84,21 @@ class ReaderGone(Exception):  # noqa: N818 (an event, not an error of the user's
     The CLI ends quietly with exit code 141, as a command killed by SIGPIPE does."""
 
 
-def emit(text: str, output: Path | None) -> None:
-    """Send rendered data to `output`, or to stdout when no file was asked for."""
+def _pieces(text: str | Iterable[str]) -> Iterable[str]:
+    return (text,) if isinstance(text, str) else text
+
+
+def emit(text: str | Iterable[str], output: Path | None) -> None:
+    """Send rendered data (a text, or its pieces in order) to `output`, or to stdout when no
+    file was asked for; stdout's ends with a newline."""
     if output is None:
         try:
-            sys.stdout.write(text)
-            if text and not text.endswith("\n"):
+            last = ""
+            for piece in _pieces(text):
+                if piece:
+                    sys.stdout.write(piece)
+                    last = piece
+            if last and not last.endswith("\n"):
                 sys.stdout.write("\n")
             sys.stdout.flush()
         except BrokenPipeError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,42 @@ def dumps(document: Any) -> str:
     _write(document, "\n", parts)
     parts.append("\n")
     return "".join(parts)
+
+
+class Lazy:
+    """An array of a document's top level that `iter_dumps` writes item by item, each item
+    made when it is written (the layers of a report: their points are most of its text)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items = items
+
+
+def iter_dumps(document: dict[str, Any]) -> Iterator[str]:
+    """`dumps` of `document` (each `Lazy` a list of its items) in pieces, to the same text
+    where that document spans several lines (a value of it holds an object; the items of a
+    `Lazy` must be objects). A `Lazy` is written one item per piece, so that only one item's
+    data and text are held at a time, not the whole document and its text (for 40 ResNet-50
+    checkpoints, `dumps` took 14 MB at its peak for 3.8 MB of text, and both grow with the
+    checkpoints)."""
+    inner = "\n  "
+    parts = ["{"]
+    for i, (key, value) in enumerate(document.items()):
+        parts.append(("," if i else "") + inner + _compact(str(key)) + ": ")
+        if type(value) is not Lazy:
+            _write(value, inner, parts)
+            continue
+        empty = True
+        for item in value.items:
+            parts.append(("[" if empty else ",") + inner + "  ")
+            _write(item, inner + "  ", parts)
+            yield "".join(parts)
+            parts.clear()
+            empty = False
+        parts.append("[]" if empty else inner + "]")
+    parts.append("\n}\n")
+    yield "".join(parts)
 
 
 def _write(value: Any, newline: str, parts: list[str]) -> None:
