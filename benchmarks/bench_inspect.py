@@ -508,12 +508,14 @@ def main(argv: list[str] | None = None) -> int:
                     "raw": ["cat", *map(str, files)],
                     "obvious": [sys.executable, str(script), str(folder), str(obvious_json)],
                     "bnwd": bnwd_command(folder, out_json, args.bnwd_arg),
+                    "numpy": [sys.executable, "-c", "import numpy"],
                 },
                 files,
                 args.repeat,
                 cache,
             )
             raw, obvious, ours = timed["raw"], timed["obvious"], timed["bnwd"]
+            start = timed["numpy"]
             huge = huge_fraction_in_child(files)
             if huge is not None:
                 floors.append(
@@ -541,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt}: bnwd used {ours.cpu_seconds:.2f} CPU-s; spread perfectly over {cores} "
                 f"cores that work takes at least {ours.cpu_seconds / cores:.2f} s "
                 f"({ours.cpu_seconds / cores / raw.seconds:.2f}x the raw read)"
+            )
+            floors.append(
+                f"{fmt}: starting Python and importing numpy, nothing else, takes "
+                f"{start.seconds:.2f} s ({start.seconds / raw.seconds:.2f}x the raw read)"
             )
             lines_note = (
                 f"{fmt}: largest relative difference of bnwd's relative steps from the (float32) "

@@ -45,6 +45,10 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
             if contender != "raw read (cat)":  # cat of a few MB rounds to 0.00 s
                 assert wall > 0 and cpu > 0
         assert re.search(rf"^{fmt}: bnwd used [\d.]+ CPU-s", out, re.M)
+        start = re.search(
+            rf"^{fmt}: starting Python and importing numpy, .* takes ([\d.]+) s", out, re.M
+        )
+        assert start is not None and float(start.group(1)) > 0
         assert re.search(rf"^\| {fmt} \| 4 \| ", out, re.M)  # the memory table, 4 checkpoints
         agreement = re.search(rf"{fmt}: largest relative difference .*: ([\d.e+-]+)", done.stderr)
         assert agreement is not None and float(agreement.group(1)) < 1e-3
