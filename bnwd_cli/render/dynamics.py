@@ -378,20 +378,16 @@ def render_markdown(report: RunDynamics) -> str:
 def render_pieces(
     report: RunDynamics, fmt_: OutputFormat, *, per_checkpoint: bool = False
 ) -> Iterator[str]:
-    """`render` in pieces: CSV and JSON (a row or a point per layer per checkpoint) a layer at
-    a time, the tables whole."""
+    """The report in `fmt_`, in pieces: CSV and JSON (a row or a point per layer per
+    checkpoint) a layer at a time, the tables whole."""
     if fmt_ is OutputFormat.CSV:
         return render_csv_pieces(report)
     if fmt_ is OutputFormat.JSON:
         return render_json_pieces(report)
-    return iter((render(report, fmt_, per_checkpoint=per_checkpoint),))
+    if fmt_ is OutputFormat.MARKDOWN:
+        return iter((render_markdown(report),))
+    return iter((render_table(report, per_checkpoint=per_checkpoint),))
 
 
 def render(report: RunDynamics, fmt_: OutputFormat, *, per_checkpoint: bool = False) -> str:
-    if fmt_ is OutputFormat.CSV:
-        return render_csv(report)
-    if fmt_ is OutputFormat.JSON:
-        return render_json(report)
-    if fmt_ is OutputFormat.MARKDOWN:
-        return render_markdown(report)
-    return render_table(report, per_checkpoint=per_checkpoint)
+    return "".join(render_pieces(report, fmt_, per_checkpoint=per_checkpoint))
