@@ -38,6 +38,7 @@ from bnwd_cli.graph.classes import (
     ParamKind,
 )
 from bnwd_cli.graph.heuristic import TensorEntry, classify_state_dict, is_buffer_name
+from bnwd_cli.metrics._frozen import frozen_dataclass
 from bnwd_cli.metrics.audit import AuditFinding, audit_run
 from bnwd_cli.metrics.equilibrium import (
     AngleSample,
@@ -85,7 +86,7 @@ class InspectOptions:
     """From the graph analysis (`--model`); None means the state-dict heuristic."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class LayerPoint:
     """One parameter at one checkpoint."""
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from bnwd_cli.metrics._frozen import frozen_dataclass
 from bnwd_cli.metrics.optimizer import OptimizerFamily
 from bnwd_cli.metrics.updates import nesterov_noise_factor
 
@@ -53,7 +54,7 @@ class EquilibriumStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class EquilibriumPrediction:
     """What theory predicts for one scale-invariant unit under given hyper-parameters."""
 
@@ -146,7 +147,7 @@ def predict_equilibrium(
     )
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class AngleSample:
     """One measured per-step angular update of a layer."""
 

@@ -40,12 +40,13 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from bnwd_cli.checkpoints.arrays import as_array, tag_of, widened
+from bnwd_cli.metrics._frozen import frozen_dataclass
 
 try:
     from bnwd_cli.metrics import _sweep as _compiled  # type: ignore[attr-defined]
@@ -53,7 +54,7 @@ except ImportError:  # not built (no C compiler at install time): the numpy swee
     _compiled = None
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class TensorStats:
     """Figures of one tensor at one checkpoint (and its change since the previous one)."""
 
@@ -85,7 +86,7 @@ class TensorStats:
 LINEAR, ADAM = 1, 2
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class StepFormula:
     """A step `w_t - w_{t-1}` known element-wise from an optimizer's state, never formed whole:
 

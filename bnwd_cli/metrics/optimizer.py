@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from bnwd_cli.metrics._frozen import frozen_dataclass
+
 
 class OptimizerFamily(StrEnum):
     SGD = "SGD"
@@ -75,7 +77,7 @@ class LayoutHint(StrEnum):
         return NameMapping.TRAINER_SPLIT
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class ParamHyper:
     """The optimizer's settings for one parameter at one checkpoint."""
 

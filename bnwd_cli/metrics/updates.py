@@ -36,11 +36,12 @@ from typing import Any
 import numpy as np
 
 from bnwd_cli.checkpoints.arrays import as_array, is_floating, widened
+from bnwd_cli.metrics._frozen import frozen_dataclass
 from bnwd_cli.metrics.kernels import ADAM, LINEAR, StepFormula, TensorStats, as_rows, tensor_stats
 from bnwd_cli.metrics.optimizer import OptimizerFamily, ParamHyper
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class ImpliedStep:
     """The last step `w_{t-1} -> w_t`, as the optimizer state implies it."""
 
@@ -188,7 +189,7 @@ def _state_array(per_param: Mapping[str, Any], key: str, weight: np.ndarray) -> 
     return value
 
 
-@dataclass(frozen=True)
+@frozen_dataclass
 class StepPlan:
     """How to compute the last step block by block (see `plan_step`)."""
 
