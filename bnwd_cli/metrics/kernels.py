@@ -429,17 +429,13 @@ def _window_figures(
             row_norms = np.sqrt(out[:, _BB, :])
             summaries = _row_summary(row_norms)
             by_sum = out.transpose(1, 0, 2)
-            angles = _angles(by_sum)
-            redo = _any_per_row(_needs_explicit(by_sum))
+            angles, explicit_rows = _row_angles(by_sum)
+            redo = _any_per_row(explicit_rows)
             rms = _rms_finite(angles)
             if any(e is not None for e in extras):
-                step_sums = _derive_previous(by_sum.reshape(_SUMS, -1), _EE, _EB).reshape(
-                    4, count, rows
-                )
-                step_angles = _angles(step_sums)
-                step_redo = _any_per_row(
-                    _needs_explicit(step_sums) | _derived_prev_inexact(step_sums)
-                )
+                step_sums = _previous_sums(by_sum[_BB], by_sum[_EE], by_sum[_EB])
+                step_angles, step_explicit = _row_angles(step_sums)
+                step_redo = _any_per_row(step_explicit | _derived_prev_inexact(step_sums))
                 step_rms = _rms_finite(step_angles)
     found: list[TensorStats] = []
 
@@ -527,6 +523,8 @@ def _as_floating(t: Any) -> Any:
 
 _BB, _AA, _DD, _DA, _EE, _EB = 0, 1, 2, 3, 4, 5
 _SUMS = 6
+_FourSums = np.ndarray | Sequence[np.ndarray]
+"""|b|^2, |a|^2, |d|^2 and <d,a> per row: the first four of the sums, or four arrays."""
 CHUNK = 1 << 15
 """Elements per block of the numpy sweep: one thread's float64 blocks (about 1 MiB) stay in its
 core's L2 cache. Measured: 2^16 is no faster, 2^17 slower; smaller blocks pay more per call."""
@@ -816,12 +814,16 @@ def _derive_previous(total: np.ndarray, dd: int, db: int) -> np.ndarray:
     |a|^2 = |b|^2 - 2<d,b> + |d|^2 and <d,a> = <d,b> - |d|^2. They cancel only when a is much
     shorter than b; `_derived_prev_inexact` finds those rows."""
     sums = np.empty((4, total.shape[1]))
-    with np.errstate(all="ignore"):  # non-finite checkpoints are counted, not warned about
-        sums[_BB] = total[_BB]
-        sums[_AA] = total[_BB] - 2.0 * total[db] + total[dd]
-        sums[_DD] = total[dd]
-        sums[_DA] = total[db] - total[dd]
+    sums[:] = _previous_sums(total[_BB], total[dd], total[db])
     return sums
+
+
+def _previous_sums(
+    bb: np.ndarray, d_sq: np.ndarray, d_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_derive_previous` as four arrays, |b|^2 and |d|^2 not copied."""
+    with np.errstate(all="ignore"):  # non-finite checkpoints are counted, not warned about
+        return bb, bb - 2.0 * d_b + d_sq, d_sq, d_b - d_sq
 
 
 # ----------------------------------------------------------------------------- figures
@@ -865,8 +867,7 @@ def _stats_from_sums(
         angle = float(_explicit_angles(cur.reshape(1, -1), previous_rows.reshape(1, -1))[0])
     row_angles = None
     if row_norms is not None:
-        angles = _angles(sums)
-        redo = _needs_explicit(sums)
+        angles, redo = _row_angles(sums)
         if redo.any():
             if previous_rows is None:
                 previous_rows = _previous_rows(cur, prev, step)
@@ -925,19 +926,35 @@ def _previous_rows(
         return _float64(cur) - _float64(step)
 
 
-def _angles(sums: np.ndarray) -> np.ndarray:
-    """Angles from the row sums (valid where `_needs_explicit` is False); NaN where undefined."""
+def _row_angles(sums: _FourSums) -> tuple[np.ndarray, np.ndarray]:
+    """Angles from the row sums, NaN where undefined, and the rows whose angle the sums cannot
+    give to full accuracy (see the module docstring), which the caller recomputes. One pass of
+    numpy calls for both (they share `|d|^2 - <d,a>^2/|a|^2`), in place where it can: for the
+    large layers this is most of the figures' time."""
     bb, aa, dd, da = sums[_BB], sums[_AA], sums[_DD], sums[_DA]
     with np.errstate(all="ignore"):
-        along = (aa + da) / np.sqrt(aa)
-        across = np.sqrt(np.maximum(dd - da * da / aa, 0.0))
-        angle = np.arctan2(across, along)
-    valid = (aa > 0) & (bb > 0) & np.isfinite(angle)
-    return np.where(valid, angle, np.nan)
+        across_sq = da * da
+        across_sq /= aa
+        np.subtract(dd, across_sq, out=across_sq)
+        along = aa + da
+        along /= np.sqrt(aa)
+        across = np.maximum(across_sq, 0.0)
+        np.sqrt(across, out=across)
+        angle = np.arctan2(across, along, out=along)
+        positive = aa > 0
+        positive &= bb > 0
+        redo = positive & np.isfinite(across_sq)
+        redo &= np.isfinite(bb)
+        steep = dd > bb
+        steep |= across_sq < TAU * dd
+        redo &= steep
+        positive &= np.isfinite(angle)
+        angle[~positive] = np.nan
+    return angle, redo
 
 
 def _whole_angle(bb: float, aa: float, dd: float, da: float) -> tuple[float, bool]:
-    """`_angles` and `_needs_explicit` of one row, in plain floats (most tensors are small:
+    """`_row_angles` of one row, in plain floats (most tensors are small:
     numpy's per-call cost would dominate)."""
     if not (aa > 0.0 and bb > 0.0 and math.isfinite(bb)):
         return math.nan, False
@@ -948,16 +965,7 @@ def _whole_angle(bb: float, aa: float, dd: float, da: float) -> tuple[float, boo
     return angle, dd > bb or across_sq < TAU * dd
 
 
-def _needs_explicit(sums: np.ndarray) -> np.ndarray:
-    """Rows whose angle the sums cannot give to full accuracy (see the module docstring)."""
-    bb, aa, dd, da = sums[_BB], sums[_AA], sums[_DD], sums[_DA]
-    with np.errstate(all="ignore"):
-        across_sq = dd - da * da / aa
-        defined = (aa > 0) & (bb > 0) & np.isfinite(across_sq) & np.isfinite(bb)
-        return defined & ((dd > bb) | (across_sq < TAU * dd))
-
-
-def _derived_prev_inexact(sums: np.ndarray) -> np.ndarray:
+def _derived_prev_inexact(sums: _FourSums) -> np.ndarray:
     """Rows where |a|^2 derived from b and d may have cancelled: a much shorter than b (or
     not positive at all, which an exact |a|^2 never is unless a = 0)."""
     bb, aa = sums[_BB], sums[_AA]
