@@ -475,14 +475,15 @@ class _LayerAccumulator:
         tensors: list[np.ndarray] = []
         plans: list[StepPlan | None] = []
         hypers: list[ParamHyper | None] = []
+        inputs: list[_StepInputs | None] = []
         for visit in window:
             tensor = self._tensor(visit.checkpoint)
             hyper = visit.snapshot.per_param.get(name) if visit.snapshot is not None else None
+            state = _step_inputs(visit.checkpoint, visit.snapshot, hyper, options)
             tensors.append(tensor)
             hypers.append(hyper)
-            plans.append(
-                self._plan(tensor, visit.checkpoint, visit.snapshot, hyper, family, options)
-            )
+            inputs.append(state)
+            plans.append(self._plan(tensor, visit.snapshot, state, family))
         before = previous.weights.get(name) if previous is not None and self.points else None
         steps = [plan.fill if plan is not None else None for plan in plans]
         swept = sum(t.nbytes for t in tensors) + (before.nbytes if before is not None else 0)
@@ -497,10 +498,10 @@ class _LayerAccumulator:
             steps=steps,
             release=release_pages if piecewise else None,
         )
-        for visit, tensor, hyper, plan, stats in zip(
-            window, tensors, hypers, plans, found, strict=True
+        for visit, tensor, hyper, state, plan, stats in zip(
+            window, tensors, hypers, inputs, plans, found, strict=True
         ):
-            self._record(visit, tensor, hyper, plan, stats, options, family, warnings)
+            self._record(visit, tensor, hyper, state, plan, stats, options, family, warnings)
         return 0 if piecewise else swept
 
     def _tensor(self, ckpt: OpenCheckpoint) -> np.ndarray:
@@ -526,6 +527,7 @@ class _LayerAccumulator:
         visit: _Visit,
         tensor: np.ndarray,
         hyper: ParamHyper | None,
+        inputs: _StepInputs | None,
         plan: StepPlan | None,
         stats: TensorStats,
         options: InspectOptions,
@@ -560,9 +562,7 @@ class _LayerAccumulator:
             previous_norm = self.points[-1].norm
             relative_step = stats.diff_norm / previous_norm if previous_norm > 0 else None
             angle = stats.angular_update
-        implied = self._implied(
-            tensor, current, snapshot, hyper, family, options, plan, stats.step_stats
-        )
+        implied = self._implied(tensor, current, snapshot, inputs, family, plan, stats.step_stats)
         predicted = None
         if invariant and hyper is not None:
             predicted = self._predict(family, hyper, lr).angle
@@ -609,14 +609,11 @@ class _LayerAccumulator:
     def _plan(
         self,
         tensor: np.ndarray,
-        current: OpenCheckpoint,
         snapshot: OptimizerSnapshot | None,
-        hyper: ParamHyper | None,
+        inputs: _StepInputs | None,
         family: OptimizerFamily | None,
-        options: InspectOptions,
     ) -> StepPlan | None:
         """How to compute the implied last step block by block, where `plan_step` can."""
-        inputs = _step_inputs(current, snapshot, hyper, options)
         if inputs is None or snapshot is None:
             return None
         per_param, hyper = inputs
@@ -627,14 +624,12 @@ class _LayerAccumulator:
         tensor: np.ndarray,
         current: OpenCheckpoint,
         snapshot: OptimizerSnapshot | None,
-        hyper: ParamHyper | None,
+        inputs: _StepInputs | None,
         family: OptimizerFamily | None,
-        options: InspectOptions,
         plan: StepPlan | None = None,
         measured: TensorStats | None = None,
     ) -> ImpliedStep | None:
         """The last optimizer step this checkpoint's state implies (THEORY.md section 4)."""
-        inputs = _step_inputs(current, snapshot, hyper, options)
         if inputs is None or snapshot is None:
             return None
         per_param, hyper = inputs
@@ -726,12 +721,17 @@ class _LayerAccumulator:
         )
 
 
+_StepInputs = tuple[Mapping[str, Any] | None, ParamHyper]
+"""A parameter's optimizer state and hyper-parameters (`--lr` applied): what the implied last
+step is computed from."""
+
+
 def _step_inputs(
     current: OpenCheckpoint,
     snapshot: OptimizerSnapshot | None,
     hyper: ParamHyper | None,
     options: InspectOptions,
-) -> tuple[Mapping[str, Any] | None, ParamHyper] | None:
+) -> _StepInputs | None:
     """A parameter's optimizer state and hyper-parameters (--lr applied), when it has them."""
     state = current.optimizer_state
     if snapshot is None or hyper is None or state is None or hyper.optimizer_id is None:
