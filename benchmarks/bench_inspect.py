@@ -243,10 +243,10 @@ class Measurement:
     spread over the cores. Wall time can never go below cpu_seconds / cores."""
 
 
-def measure(command: list[str]) -> Measurement:
+def measure(command: list[str], cwd: Path | None = None) -> Measurement:
     """Wall time and peak resident memory of one process (its output goes to /dev/null)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)

@@ -7,6 +7,7 @@ report are there.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,55 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert agreement is not None and float(agreement.group(1)) < 1e-3
     assert re.search(r"^page cache: at least [\d.]+% of the files resident", out, re.M)
     assert not (tmp_path / "data").exists()  # --clean
+
+
+AB_SCRIPT = SCRIPT.parent / "ab_inspect.py"
+RUN = SCRIPT.parent.parent / "sample_checkpoints" / "sgd_wd_all"
+
+
+def run_ab(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(AB_SCRIPT), *args, str(RUN), "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def timings(out: str) -> dict[str, float]:
+    found = re.findall(r"^([AB]) .*: wall ([\d.]+) s, CPU ([\d.]+) s$", out, re.M)
+    assert [name for name, _, _ in found] == ["A", "B"], out
+    return {name: float(wall) for name, wall, _ in found}
+
+
+def test_ab_script_times_both_versions_and_finds_them_identical() -> None:
+    done = run_ab("worktree", "worktree")
+    assert done.returncode == 0, done.stderr
+    assert all(wall > 0 for wall in timings(done.stdout).values())
+    assert "reports: identical" in done.stdout
+
+
+def test_ab_script_tells_different_reports(tmp_path: Path) -> None:
+    # a copy of bnwd that calls itself another version: the same figures, another report
+    shutil.copytree(SCRIPT.parent.parent / "bnwd_cli", tmp_path / "bnwd_cli")
+    version = tmp_path / "bnwd_cli" / "_version.py"
+    version.write_text(
+        re.sub(r'__version__ = "[^"]*"', '__version__ = "0.0.0+ab"', version.read_text())
+    )
+    done = run_ab("worktree", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    timings(done.stdout)
+    assert "reports: DIFFERENT" in done.stdout
+
+
+def test_ab_script_runs_a_git_revision() -> None:
+    repo = SCRIPT.parent.parent
+    if subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True
+    ).returncode:
+        pytest.skip("not a git checkout")
+    done = run_ab("HEAD", "worktree")
+    assert done.returncode in (0, 1), done.stderr  # 1 where the working tree changed the output
+    assert "A HEAD: wall" in done.stdout
+    timings(done.stdout)
