@@ -954,8 +954,8 @@ def _row_angles(sums: _FourSums) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _whole_angle(bb: float, aa: float, dd: float, da: float) -> tuple[float, bool]:
-    """`_row_angles` of one row, in plain floats (most tensors are small:
-    numpy's per-call cost would dominate)."""
+    """`_row_angles` of one row, in plain floats (most tensors are small: numpy's per-call cost
+    would dominate)."""
     if not (aa > 0.0 and bb > 0.0 and math.isfinite(bb)):
         return math.nan, False
     across_sq = dd - da * da / aa
