@@ -38,7 +38,6 @@ from bnwd_cli.graph.classes import (
     ParamKind,
 )
 from bnwd_cli.graph.heuristic import TensorEntry, classify_state_dict, is_buffer_name
-from bnwd_cli.metrics._frozen import frozen_dataclass
 from bnwd_cli.metrics.audit import AuditFinding, audit_run
 from bnwd_cli.metrics.equilibrium import (
     AngleSample,
@@ -86,7 +85,7 @@ class InspectOptions:
     """From the graph analysis (`--model`); None means the state-dict heuristic."""
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class LayerPoint:
     """One parameter at one checkpoint."""
 

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from bnwd_cli.metrics._frozen import frozen_dataclass
 from bnwd_cli.metrics.optimizer import OptimizerFamily
 from bnwd_cli.metrics.updates import nesterov_noise_factor
 
@@ -54,7 +53,7 @@ class EquilibriumStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class EquilibriumPrediction:
     """What theory predicts for one scale-invariant unit under given hyper-parameters."""
 
@@ -147,7 +146,7 @@ def predict_equilibrium(
     )
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class AngleSample:
     """One measured per-step angular update of a layer."""
 

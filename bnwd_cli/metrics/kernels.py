@@ -40,13 +40,12 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from bnwd_cli.checkpoints.arrays import as_array, tag_of, widened
-from bnwd_cli.metrics._frozen import frozen_dataclass
 
 try:
     from bnwd_cli.metrics import _sweep as _compiled  # type: ignore[attr-defined]
@@ -54,7 +53,7 @@ except ImportError:  # not built (no C compiler at install time): the numpy swee
     _compiled = None
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class TensorStats:
     """Figures of one tensor at one checkpoint (and its change since the previous one)."""
 
@@ -86,7 +85,7 @@ class TensorStats:
 LINEAR, ADAM = 1, 2
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class StepFormula:
     """A step `w_t - w_{t-1}` known element-wise from an optimizer's state, never formed whole:
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from bnwd_cli.metrics._frozen import frozen_dataclass
-
 
 class OptimizerFamily(StrEnum):
     SGD = "SGD"
@@ -77,7 +75,7 @@ class LayoutHint(StrEnum):
         return NameMapping.TRAINER_SPLIT
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class ParamHyper:
     """The optimizer's settings for one parameter at one checkpoint."""
 

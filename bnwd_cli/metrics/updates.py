@@ -36,12 +36,11 @@ from typing import Any
 import numpy as np
 
 from bnwd_cli.checkpoints.arrays import as_array, is_floating, widened
-from bnwd_cli.metrics._frozen import frozen_dataclass
 from bnwd_cli.metrics.kernels import ADAM, LINEAR, StepFormula, TensorStats, as_rows, tensor_stats
 from bnwd_cli.metrics.optimizer import OptimizerFamily, ParamHyper
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class ImpliedStep:
     """The last step `w_{t-1} -> w_t`, as the optimizer state implies it."""
 
@@ -189,7 +188,7 @@ def _state_array(per_param: Mapping[str, Any], key: str, weight: np.ndarray) -> 
     return value
 
 
-@frozen_dataclass
+@dataclass(frozen=True, slots=True)
 class StepPlan:
     """How to compute the last step block by block (see `plan_step`)."""
 
