@@ -237,13 +237,8 @@ CSV_COLUMNS = (
 )
 
 
-def render_csv(report: RunDynamics) -> str:
-    """Tidy CSV: one row per checkpoint x layer."""
-    return "".join(render_csv_pieces(report))
-
-
 def render_csv_pieces(report: RunDynamics) -> Iterator[str]:
-    """`render_csv` a layer at a time."""
+    """Tidy CSV, one row per checkpoint x layer, a layer at a time."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -335,13 +330,9 @@ def _document(report: RunDynamics, layers: object) -> dict[str, object]:
     }
 
 
-def render_json(report: RunDynamics) -> str:
-    return "".join(render_json_pieces(report))
-
-
 def render_json_pieces(report: RunDynamics) -> Iterator[str]:
-    """`render_json` a layer at a time (`iter_dumps`): a long run's report is never held as
-    one document or one text."""
+    """The JSON of `report_document`, a layer at a time (`iter_dumps`): a long run's report is
+    never held as one document or one text."""
     return iter_dumps(_document(report, Lazy(map(_layer_document, report.layers))))
 
 
@@ -387,7 +378,3 @@ def render_pieces(
     if fmt_ is OutputFormat.MARKDOWN:
         return iter((render_markdown(report),))
     return iter((render_table(report, per_checkpoint=per_checkpoint),))
-
-
-def render(report: RunDynamics, fmt_: OutputFormat, *, per_checkpoint: bool = False) -> str:
-    return "".join(render_pieces(report, fmt_, per_checkpoint=per_checkpoint))
