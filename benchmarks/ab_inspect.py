@@ -1,6 +1,6 @@
 """Time `bnwd inspect` of two versions side by side, interleaved: is a change faster?
 
-This machine's speed moves by about 10% from one day to the next (starting Python and importing
+This machine's speed moves by 10% or more from one day to the next (starting Python and importing
 numpy alone took 0.08 s one day, 0.09-0.11 s another), more than most changes to bnwd gain or
 lose: comparing a run of `bench_inspect.py` with one from another day measures the machine. This
 script runs two versions of bnwd on the same checkpoint folder, taking turns (A B, B A, A B, ...),
