@@ -1,11 +1,12 @@
 """Time `bnwd inspect` of two versions side by side, interleaved: is a change faster?
 
 This machine's speed moves by 10% or more from one day to the next (starting Python and importing
-numpy alone took 0.08 s one day, 0.09-0.11 s another), more than most changes to bnwd gain or
-lose: comparing a run of `bench_inspect.py` with one from another day measures the machine. This
-script runs two versions of bnwd on the same checkpoint folder, taking turns (A B, B A, A B, ...),
-with the folder read into the page cache before every run, and prints each version's median wall
-time and CPU time (user + system), their ratio, and whether their JSON reports are identical.
+numpy alone took 0.08 s one day, 0.09-0.11 s another), more than most changes to bnwd gain or lose:
+comparing a run of `bench_inspect.py` with one from another day measures the machine. This script
+runs two versions of bnwd on the same checkpoint folder, taking turns (A B, B A, A B, ...), with
+the folder read into the page cache before every run and timed again if pages were evicted around
+it (as `bench_inspect.py` does), and prints each version's median wall time and CPU time (user +
+system), their ratio, and whether their JSON reports are identical.
 
 A version is a git revision of this repository (exported with `git archive`, its compiled sweep
 built, or copied from the working tree when its `_sweep.c` is the same), the word `worktree`
@@ -29,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inspect import Measurement, measure, warm
+from bench_inspect import CacheLog, Measurement, timed_warm
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = Path("bnwd_cli/metrics/_sweep.c")
@@ -76,12 +77,13 @@ def _compile(where: Path) -> None:
     )  # fmt: skip
 
 
-def timed(where: Path, folder: Path, output: Path, extra: list[str]) -> Measurement:
-    command = [
+def inspect_command(folder: Path, output: Path, extra: list[str]) -> list[str]:
+    """`bnwd inspect` as `python -m bnwd_cli`: run in a version's folder, its `bnwd_cli` comes
+    first on sys.path."""
+    return [
         sys.executable, "-m", "bnwd_cli", "inspect", str(folder.resolve()),
         "--format", "json", "-o", str(output), *extra,
     ]  # fmt: skip
-    return measure(command, cwd=where)  # the folder's bnwd_cli comes first on sys.path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             (scratch / name).mkdir()
             trees[name] = prepare(version, scratch / name)
         runs: dict[str, list[Measurement]] = {"A": [], "B": []}
+        cache = CacheLog()
         for i in range(args.runs):
             for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                warm(files)
-                output = scratch / f"{name}.json"
-                runs[name].append(timed(trees[name], args.folder, output, args.bnwd_arg))
+                command = inspect_command(args.folder, scratch / f"{name}.json", args.bnwd_arg)
+                runs[name].append(timed_warm(command, files, cache, cwd=trees[name]))
         same = filecmp.cmp(scratch / "A.json", scratch / "B.json", shallow=False)
     wall = {name: statistics.median(r.seconds for r in found) for name, found in runs.items()}
     cpu = {name: statistics.median(r.cpu_seconds for r in found) for name, found in runs.items()}
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("A", "B"):
         print(f"{name} {versions[name]}: wall {wall[name]:.3f} s, CPU {cpu[name]:.3f} s")
     print(f"B / A: wall {wall['B'] / wall['A']:.3f}, CPU {cpu['B'] / cpu['A']:.3f}")
+    print(
+        f"page cache: at least {100 * cache.coldest:.2f}% of the files resident around every "
+        f"timed run; {cache.repeated} run(s) timed again after pages were evicted"
+    )
     print("reports: identical" if same else "reports: DIFFERENT")
     return 0 if same else 1
 

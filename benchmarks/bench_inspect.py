@@ -308,7 +308,9 @@ def warm(files: list[Path]) -> None:
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
 
 
-def timed_warm(command: list[str], files: list[Path], log: CacheLog) -> Measurement:
+def timed_warm(
+    command: list[str], files: list[Path], log: CacheLog, cwd: Path | None = None
+) -> Measurement:
     """`measure(command)` with every page of `files` in the page cache before and after."""
     for attempt in range(3):
         warm(files)
@@ -316,7 +318,7 @@ def timed_warm(command: list[str], files: list[Path], log: CacheLog) -> Measurem
         if before < WARM:
             warm(files)
             before = resident_fraction(files)
-        found = measure(command)
+        found = measure(command, cwd)
         after = resident_fraction(files)
         if min(before, after) >= WARM or attempt == 2:
             log.coldest = min(log.coldest, before, after)

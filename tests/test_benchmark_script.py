@@ -82,6 +82,7 @@ def test_ab_script_times_both_versions_and_finds_them_identical() -> None:
     assert done.returncode == 0, done.stderr
     assert all(wall > 0 for wall in timings(done.stdout).values())
     assert "reports: identical" in done.stdout
+    assert re.search(r"^page cache: at least [\d.]+% of the files resident", done.stdout, re.M)
 
 
 def test_ab_script_tells_different_reports(tmp_path: Path) -> None:
