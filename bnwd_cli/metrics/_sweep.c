@@ -9,6 +9,8 @@
  * is not built), without its float64 copies of every block and its Python calls per block. The
  * GIL is released, so the worker threads run on all cores; `window_sums` maps the pages of the
  * memory-mapped checkpoint files it is given in with one system call per input (`populate`).
+ * `figure_terms` and `finite_rms` (at the end of this file) then take a window's sums to its
+ * per-row figures.
  *
  * Inputs are float32, float64 or bfloat16 (kind 0, 1, 2), C-contiguous, each element widened
  * to float64 exactly. Per row it accumulates
