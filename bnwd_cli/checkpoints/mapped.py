@@ -534,11 +534,11 @@ def strided_view(
     refused unless every element it reaches lies inside `storage`."""
     if len(size) != len(stride):
         raise NotMappableError("tensor size and stride of different lengths")
-    if offset == 0 and stride == _contiguous_strides(size) and math.prod(size) == storage.size > 0:
-        return storage.reshape(size)  # the usual tensor: the whole of its storage
     if stride == _contiguous_strides(size) and min(size, default=1) > 0 and offset >= 0:
         # the usual tensor (dense, row-major, not empty): it ends at offset + numel
         numel = math.prod(size)
+        if offset == 0 and numel == storage.size:
+            return storage.reshape(size)  # most often the whole of its storage: no slice
         if offset + numel > storage.size:
             raise NotMappableError("tensor reaches past the end of its storage")
         return storage[offset : offset + numel].reshape(size)

@@ -667,14 +667,10 @@ NO_CONTRACT static PyObject *figure_terms(PyObject *self, PyObject *args)
             for (r = 0; r < rows; r++) {
                 double v = sqrt(bb[r]);
                 norm[r] = v;
-                /* numpy.min / max: NaN wins */
-                if (v != v || lo != lo)
-                    lo = lo != lo ? lo : v;
-                else if (v < lo)
+                /* numpy.min / max: the first NaN wins and stays */
+                if (lo == lo && (v != v || v < lo))
                     lo = v;
-                if (v != v || hi != hi)
-                    hi = hi != hi ? hi : v;
-                else if (v > hi)
+                if (hi == hi && (v != v || v > hi))
                     hi = v;
             }
             /* numpy.std: the mean, the squared deviations, their mean, its square root */
