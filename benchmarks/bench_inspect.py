@@ -19,7 +19,10 @@ with ResNet-50 tensor shapes (bottlenecks [3, 4, 6, 3], BN with running stats, f
 for a smaller (or larger) model. The timed run (`--checkpoints`, default 20) and the memory runs
 (`--memory-checkpoints`, default 5, 10 and 40) are folders of hard links to the first N files of
 `all/`, so the data is written once (12 GB with the defaults; kept for the next run, `--clean`
-deletes it). Each contender runs as its own process, the three take turns, and the files are
+deletes it). A fourth process, not a contender, is timed with them: `sweep_floor.py`, bnwd's own
+reading and sweeping of every tensor with nothing computed from the sums and no output, which
+bounds what work on the rest (the figures, the records, the output) can gain (README,
+Performance). Each process is run on its own, they take turns, and the files are
 read once untimed before every run; a run counts only if every page of its files was in the
 page cache before and after it (`mincore`), else it is timed again. Wall time is the median of
 `--repeat` runs; peak RSS and CPU time (user + system: the work done, however it is spread over
@@ -297,6 +300,11 @@ def interleaved(
     }
 
 
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "sweep_floor.py"
+FLOOR_LABEL = "floor: bnwd reading and sweeping only"
+"""`sweep_floor.py`: bnwd's analysis with nothing computed from its sweeps and no output."""
+
+
 def bnwd_command(folder: Path, output: Path, extra: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "bnwd_cli", "inspect", str(folder),
@@ -510,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                     "raw": ["cat", *map(str, files)],
                     "obvious": [sys.executable, str(script), str(folder), str(obvious_json)],
                     "bnwd": bnwd_command(folder, out_json, args.bnwd_arg),
+                    "floor": [sys.executable, str(FLOOR_SCRIPT), str(folder)],
                     "numpy": [sys.executable, "-c", "import numpy"],
                 },
                 files,
@@ -517,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache,
             )
             raw, obvious, ours = timed["raw"], timed["obvious"], timed["bnwd"]
-            start = timed["numpy"]
+            start, floor = timed["numpy"], timed["floor"]
             huge = huge_fraction_in_child(files)
             if huge is not None:
                 floors.append(
@@ -526,7 +535,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             disagreement = check_agreement(out_json, obvious_json)
             data = f"{len(files)} x {one_mb:.0f} MB"
-            for label, m in (("raw read (cat)", raw), ("obvious script", obvious), ("bnwd", ours)):
+            for label, m in (
+                ("raw read (cat)", raw),
+                ("obvious script", obvious),
+                ("bnwd", ours),
+                (FLOOR_LABEL, floor),
+            ):
                 lines.append(
                     f"| {fmt} | {data} | {label} | {m.seconds:.2f} | {m.seconds / raw.seconds:.2f} "
                     f"| {obvious.seconds / m.seconds:.2f} | {m.cpu_seconds:.2f} "
@@ -549,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
             floors.append(
                 f"{fmt}: starting Python and importing numpy, nothing else, takes "
                 f"{start.seconds:.2f} s ({start.seconds / raw.seconds:.2f}x the raw read)"
+            )
+            floors.append(
+                f"{fmt}: bnwd's reading and sweeping alone (the floor row) take "
+                f"{floor.seconds:.2f} s ({floor.seconds / raw.seconds:.2f}x the raw read); what "
+                f"it computes from the sums and its output add {ours.seconds - floor.seconds:.2f} s"
             )
             lines_note = (
                 f"{fmt}: largest relative difference of bnwd's relative steps from the (float32) "

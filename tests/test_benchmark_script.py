@@ -34,7 +34,7 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert done.returncode in (0, 1), done.stderr
     out = done.stdout
     for fmt in ("torch", "safetensors"):
-        for contender in ("raw read (cat)", "obvious script", "bnwd"):
+        for contender in ("raw read (cat)", "obvious script", "| bnwd |", "floor: bnwd reading"):
             row = next(
                 line
                 for line in out.splitlines()
@@ -46,6 +46,7 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
             if contender != "raw read (cat)":  # cat of a few MB rounds to 0.00 s
                 assert wall > 0 and cpu > 0
         assert re.search(rf"^{fmt}: bnwd used [\d.]+ CPU-s", out, re.M)
+        assert re.search(rf"^{fmt}: bnwd's reading and sweeping alone .* take [\d.]+ s", out, re.M)
         start = re.search(
             rf"^{fmt}: starting Python and importing numpy, .* takes ([\d.]+) s", out, re.M
         )
@@ -108,3 +109,61 @@ def test_ab_script_runs_a_git_revision() -> None:
     assert done.returncode in (0, 1), done.stderr  # 1 where the working tree changed the output
     assert "A HEAD: wall" in done.stdout
     timings(done.stdout)
+
+
+FLOOR_SCRIPT = SCRIPT.parent / "sweep_floor.py"
+
+
+def _swept_pieces(run: Path, floor: bool) -> list[tuple]:
+    """Every piece of every window sweep of `run`: its rectangle and the checkpoints' arrays."""
+    from bnwd_cli.metrics import dynamics, kernels
+
+    sys.path.insert(0, str(FLOOR_SCRIPT.parent))
+    try:
+        import sweep_floor
+    finally:
+        sys.path.remove(str(FLOOR_SCRIPT.parent))
+    seen: list[tuple] = []
+    sweep = kernels._window_piece
+
+    def spy(out, piece, rows, cols, chain, kinds, specs, workers):  # type: ignore[no-untyped-def]
+        seen.append(
+            (piece, rows, cols, tuple(None if t is None else t.shape for t in chain), len(specs),
+             sum(s is not None for s in specs), sum(t.nbytes for t in chain if t is not None))
+        )  # fmt: skip
+        return sweep(out, piece, rows, cols, chain, kinds, specs, workers)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_window_piece", spy)
+        if floor:
+            sweep_floor.sweep_only(run)
+        else:
+            dynamics.analyze_run(run)
+    return seen
+
+
+def test_the_floor_sweeps_what_bnwd_sweeps() -> None:
+    """The floor (benchmarks/sweep_floor.py) reads every tensor bnwd's analysis reads, in the
+    same windows and pieces, with the same optimizer-step inputs; and it leaves bnwd as it was."""
+    from bnwd_cli.metrics import dynamics, kernels
+
+    figures, record = kernels._window_figures, dynamics._LayerAccumulator._record
+    full = _swept_pieces(RUN, floor=False)
+    floor = _swept_pieces(RUN, floor=True)
+    assert len(sorted(RUN.glob("*.pt"))) > kernels.WINDOW + 1  # windows that chain
+    assert floor == full
+    assert any(with_step for *_, with_step, _ in full)  # the optimizer's state was swept too
+    assert any(shapes[0] is not None for _, _, _, shapes, *_ in full)  # so was the previous one
+    assert (kernels._window_figures, dynamics._LayerAccumulator._record) == (figures, record)
+
+
+def test_the_floor_script_runs_as_the_benchmark_runs_it() -> None:
+    done = subprocess.run(
+        [sys.executable, str(FLOOR_SCRIPT), str(RUN)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    usage = subprocess.run(
+        [sys.executable, str(FLOOR_SCRIPT)], capture_output=True, text=True, check=False
+    )
+    assert usage.returncode == 1 and "sweep_floor.py CKPT_DIR" in usage.stderr
