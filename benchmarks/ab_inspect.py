@@ -6,7 +6,9 @@ comparing a run of `bench_inspect.py` with one from another day measures the mac
 runs two versions of bnwd on the same checkpoint folder, taking turns (A B, B A, A B, ...), with
 the folder read into the page cache before every run and timed again if pages were evicted around
 it (as `bench_inspect.py` does), and prints each version's median wall time and CPU time (user +
-system), their ratio, and whether their JSON reports are identical.
+system), their ratio, and whether their JSON reports are identical; if not, where they first
+differ, or, when only numbers moved (a summation done in another order moves the last digits),
+the largest relative difference.
 
 A version is a git revision of this repository (exported with `git archive`, its compiled sweep
 built, or copied from the working tree when its `_sweep.c` is the same), the word `worktree`
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 import statistics
 import subprocess
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 command = inspect_command(args.folder, scratch / f"{name}.json", args.bnwd_arg)
                 runs[name].append(timed_warm(command, files, cache, cwd=trees[name]))
         same = filecmp.cmp(scratch / "A.json", scratch / "B.json", shallow=False)
+        how = "" if same else difference(scratch / "A.json", scratch / "B.json")
     wall = {name: statistics.median(r.seconds for r in found) for name, found in runs.items()}
     cpu = {name: statistics.median(r.cpu_seconds for r in found) for name, found in runs.items()}
     print(f"bnwd inspect {args.folder}, median of {args.runs} runs each, interleaved")
@@ -121,8 +125,37 @@ def main(argv: list[str] | None = None) -> int:
         f"page cache: at least {100 * cache.coldest:.2f}% of the files resident around every "
         f"timed run; {cache.repeated} run(s) timed again after pages were evicted"
     )
-    print("reports: identical" if same else "reports: DIFFERENT")
+    print("reports: identical" if same else f"reports: DIFFERENT ({how})")
     return 0 if same else 1
+
+
+def difference(a: Path, b: Path) -> str:
+    """How two JSON reports differ: where first, or, when only their floating-point numbers do,
+    by how much at most (a change in the order of a summation moves the last digits)."""
+    worst: list[tuple[float, str]] = [(0.0, "")]
+
+    def first(x: object, y: object, where: str) -> str | None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            if list(x) != list(y):
+                return f"{where or 'the top level'}: keys {sorted(set(x) ^ set(y))}"
+            return next((d for k in x if (d := first(x[k], y[k], f"{where}.{k}"))), None)
+        if isinstance(x, list) and isinstance(y, list):
+            if len(x) != len(y):
+                return f"{where or 'the top level'}: {len(x)} against {len(y)} items"
+            pairs = enumerate(zip(x, y, strict=True))
+            return next((d for i, (u, v) in pairs if (d := first(u, v, f"{where}[{i}]"))), None)
+        if type(x) is float and type(y) is float and x != y and x * y > 0:
+            worst.append((abs(x - y) / max(abs(x), abs(y)), where))
+            return None
+        return None if x == y else f"{where}: {x!r} against {y!r}"
+
+    found = first(json.loads(a.read_text()), json.loads(b.read_text()), "")
+    if found is not None:
+        return f"first at {found}"
+    rel, where = max(worst)
+    if not where:
+        return "the same values, written differently"
+    return f"numbers only: largest relative difference {rel:.1e}, at {where}"
 
 
 if __name__ == "__main__":

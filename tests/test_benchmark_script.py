@@ -6,6 +6,7 @@ report are there.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -96,7 +97,33 @@ def test_ab_script_tells_different_reports(tmp_path: Path) -> None:
     done = run_ab("worktree", str(tmp_path))
     assert done.returncode == 1, done.stderr
     timings(done.stdout)
-    assert "reports: DIFFERENT" in done.stdout
+    assert "reports: DIFFERENT (first at .bnwd_version: '0.1.0' against '0.0.0+ab')" in done.stdout
+
+
+def test_ab_script_says_how_reports_differ(tmp_path: Path) -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from ab_inspect import difference
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+
+    def differ(x: object, y: object) -> str:
+        a.write_text(json.dumps(x))
+        b.write_text(json.dumps(y))
+        return difference(a, b)
+
+    layer = {"name": "fc.weight", "points": [{"norm": 2.0, "step": 1}, {"norm": 3.0, "step": 2}]}
+    moved = {"name": "fc.weight", "points": [{"norm": 2.0, "step": 1}, {"norm": 3.3, "step": 2}]}
+    assert differ([layer], [moved]) == (
+        "numbers only: largest relative difference 9.1e-02, at [0].points[1].norm"
+    )
+    assert differ([layer, layer], [layer]) == "first at the top level: 2 against 1 items"
+    assert differ({"a": 1, "b": 2}, {"a": 1, "c": 2}) == "first at the top level: keys ['b', 'c']"
+    renamed = {**moved, "name": "fc.bias"}
+    assert differ([layer], [renamed]) == "first at [0].name: 'fc.weight' against 'fc.bias'"
+    assert differ({"x": 1.0}, {"x": -1.0}) == "first at .x: 1.0 against -1.0"  # a sign is news
+    assert differ({"x": 1}, {"x": 1.0}) == "the same values, written differently"
 
 
 def test_ab_script_runs_a_git_revision() -> None:
