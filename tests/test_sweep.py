@@ -1,6 +1,6 @@
 """The compiled sweep (`bnwd_cli/metrics/_sweep.c`) against float64 references computed here.
 
-The C function is called directly, on geometries that cut its 512-element blocks and the
+The C function is called directly, on geometries that cut its 256-element blocks and the
 threads' rectangles at odd places, so an off-by-one in the block loop or the row offsets shows.
 The end-to-end check that `bnwd inspect` reads torch zip and safetensors runs without importing
 torch is here too: that is what makes the fast path fast.

@@ -1,6 +1,6 @@
 """The window sweep (`kernels.window_stats`, `_sweep.window_sums`) against references computed here.
 
-- `window_sums` called directly, on geometries that cut its 512-element blocks at odd places,
+- `window_sums` called directly, on geometries that cut its 256-element blocks at odd places,
   against per-row float64 sums written out in numpy (pairs, a missing first tensor, rectangles,
   bfloat16 / float64 inputs, linear and Adam step specs, the arguments it must refuse);
 - `window_stats` against the `tensor_stats` of each pair it stands for, field by field, with and
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -302,7 +304,7 @@ def test_window_sums_of_rectangles_add_up_to_the_whole(rows: int, cols: int) -> 
         assert_sums_close(inner[:, :, 4:5], reference_window(sub))
         assert not np.delete(inner, 4, axis=2).any()
     else:
-        cuts = [0, 1, 600, 1537, 4099, cols]  # cutting the 512-element blocks off their grid
+        cuts = [0, 1, 600, 1537, 4099, cols]  # cutting the 256-element blocks off their grid
         total = np.zeros_like(whole)
         for c0, c1 in itertools.pairwise(cuts):
             window_call(rows, cols, (0, 1, c0, c1), chain, out=total)  # sums are added to out
@@ -326,6 +328,64 @@ def test_window_sums_of_files_mapped_read_only(tmp_path: Path) -> None:
     part = window_call(rows, cols, (5, 40, 0, cols), views)
     assert_sums_close(part[:, :, 5:40], reference_window([t[5:40] for t in chain]))
     assert not part[:, :, :5].any() and not part[:, :, 40:].any()
+
+
+GUARDED_SWEEP = """
+import ctypes, mmap, sys
+import numpy as np
+from bnwd_cli.metrics import kernels
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+page = mmap.PAGESIZE
+kept = []
+
+def guarded(values):
+    # `values` as the last bytes before a page that may not be read (PROT_NONE)
+    raw = np.ascontiguousarray(values).tobytes()
+    span = -(-len(raw) // page) * page
+    region = mmap.mmap(-1, span + page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(base + span, page, 0) == 0, ctypes.get_errno()
+    region[span - len(raw) : span] = raw
+    kept.append(region)
+    view = np.frombuffer(region, dtype=values.dtype, count=values.size, offset=span - len(raw))
+    return view.reshape(values.shape)
+
+rows, cols, n = int(sys.argv[1]), int(sys.argv[2]), 3
+rng = np.random.default_rng(rows + cols)
+chain = [rng.standard_normal((rows, cols)).astype(np.float32) for _ in range(n + 1)]
+x = rng.standard_normal((rows, cols)).astype(np.float32)
+m, v = rng.standard_normal((rows, cols)), rng.random((rows, cols)) + 0.1
+specs = (
+    (kernels.LINEAR, guarded(x), 0, None, 0, -0.1, 1.0, 1.0, 0.0, 0.0),
+    None,
+    (kernels.ADAM, guarded(m), 1, guarded(v), 1, -1e-3, 0.5, 0.9, 1e-8, 0.01),
+)
+tensors = tuple(guarded(t) for t in chain)
+out = np.zeros((n, 6, rows))
+for r0, r1, c0, c1 in [(0, rows, 0, cols), (rows - 1, rows, cols // 3, cols)]:
+    kernels._compiled.window_sums(out, rows, cols, r0, r1, c0, c1, tensors, (0,) * (n + 1), specs)
+print(float(out.sum()))
+"""
+
+
+@needs_compiled
+@pytest.mark.skipif(sys.platform != "linux", reason="mprotect through ctypes")
+@pytest.mark.parametrize(("rows", "cols"), [(3, 1031), (1, 256), (40, 300)])
+def test_window_sums_read_nothing_past_their_inputs(rows: int, cols: int) -> None:
+    """Every input ends where an unreadable page begins: a sweep that read (or prefetched with a
+    load) past the last element of a piece would die of SIGSEGV. In a child process, so that the
+    crash is a failed test."""
+    done = subprocess.run(
+        [sys.executable, "-c", GUARDED_SWEEP, str(rows), str(cols)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert math.isfinite(float(done.stdout))
 
 
 @needs_compiled
