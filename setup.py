@@ -2,7 +2,7 @@
 
 Everything else is configured in pyproject.toml. The extension is optional: where no C compiler
 is found, the install goes on and bnwd uses the numpy sweep (same figures, slower; see
-README, Performance).
+README, "Dependencies, and why").
 """
 
 import sys

@@ -22,15 +22,15 @@ for a smaller (or larger) model. The timed run (`--checkpoints`, default 20) and
 deletes it). A fourth process, not a contender, is timed with them: `sweep_floor.py`, bnwd's own
 reading and sweeping of every tensor with nothing computed from the sums and no output, which
 bounds what work on the rest (the figures, the records, the output) can gain (README,
-Performance). Each process is run on its own, they take turns, and the files are
-read once untimed before every run; a run counts only if every page of its files was in the
-page cache before and after it (`mincore`), else it is timed again. Wall time is the median of
+Performance). Each process runs on its own and they take turns; the files are read once untimed
+before every run, and a run counts only if every page of its files was in the page cache before
+and after it (`mincore`), else it is timed again. Wall time is the median of
 `--repeat` runs; peak RSS and CPU time (user + system: the work done, however it is spread over
 the cores) come from `wait4` (the child's `ru_maxrss`, `ru_utime`, `ru_stime`). The memory runs
 also give the cost of each further checkpoint ((T40 - T5) / 35), which separates throughput from
 the fixed start-up cost. The share of the files' page cache in 2 MiB folios is printed too: with
-the files read back from disk in small folios, `cat` takes up to twice as long (README,
-Performance).
+the files read back from disk in small folios, `cat` takes up to twice as long
+(docs/performance.md).
 
     .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 4 minutes
     .venv/bin/python benchmarks/bench_inspect.py --optimizer adam --formats torch \\

@@ -1,6 +1,6 @@
 """The records the streaming pass builds per point are frozen dataclasses with slots: a report
 holds one point (and the optimizer's settings) per layer per checkpoint, so a dict per record
-would grow it by about a fifth (README, Performance)."""
+would grow it by about a fifth (docs/performance.md)."""
 
 from __future__ import annotations
 

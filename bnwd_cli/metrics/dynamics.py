@@ -67,7 +67,7 @@ piece as it is swept instead (`window_stats(release=...)`), so resident memory s
 budget plus the pages the kernel maps around them, whatever the model and the run. Releasing
 every piece of every layer, as before, cost 5-8% of a ResNet-50 analysis (torch files, 20
 checkpoints: 0.86 s against 0.80 s), in system calls and in refaults of the 2 MiB stretches
-around each piece, for a peak of 108 MB instead of about 165 MB (README, Performance)."""
+around each piece, for a peak of 108 MB instead of about 165 MB (docs/performance.md)."""
 
 
 @dataclass(frozen=True)

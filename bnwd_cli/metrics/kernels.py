@@ -519,7 +519,7 @@ def _compiled_row_figures(out: np.ndarray, with_step: bool) -> _RowFigures:
     `numpy.arctan2`, `_sweep.finite_rms`): the same numbers bit for bit, NaN where it has NaN.
     Most layers of a network are small, and numpy's cost per call was most of their figures'
     time: a window of 8 pairs with an optimizer step, 64 rows 169 -> 75 us, 2048 rows
-    694 -> 442 us; the whole `bnwd inspect` of a ResNet-50 run 6% faster (README, Performance)."""
+    694 -> 442 us; the whole `bnwd inspect` of a ResNet-50 run 6% faster (docs/performance.md)."""
     assert _compiled is not None
     count, _, rows = out.shape
     sets = 2 if with_step else 1

@@ -6,7 +6,7 @@ then written by `render.output.emit`, so a failed run never prints half a table.
 
 Rich is imported only when something is styled: a line on a stderr that is no terminal is
 written as the plain text Rich would write there (importing Rich took about 20 ms of the
-0.15 s start-up of `bnwd inspect --format json`; README, Performance).
+0.15 s start-up of `bnwd inspect --format json`; docs/performance.md).
 """
 
 from __future__ import annotations
