@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,18 +248,49 @@ class Measurement:
 
 
 def measure(command: list[str], cwd: Path | None = None) -> Measurement:
-    """Wall time and peak resident memory of one process (its output goes to /dev/null)."""
+    """Wall time and peak resident memory of one command (its output goes to /dev/null).
+
+    bnwd may fork a second process for a large run (bnwd_cli/metrics/split.py), which
+    `ru_maxrss` does not add in (the kernel keeps the largest of a process and its children).
+    So the peak of every process of the command is also read from /proc while it runs
+    (`VmHWM`, every 5 ms), and the peak reported is the larger of `ru_maxrss` and the sum of
+    those peaks: an upper bound of the memory used at once, as pages shared between the
+    processes are counted in each."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_peaks, args=(process.pid, peaks, done), daemon=True)
+    watcher.start()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
+    done.set()
+    watcher.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     assert process.stderr is not None
     err = process.stderr.read().decode(errors="replace")
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{err}")
-    # ru_maxrss is in KiB on Linux
-    return Measurement(seconds, usage.ru_maxrss / 1000, usage.ru_utime + usage.ru_stime)
+    # ru_maxrss and VmHWM are in KiB on Linux
+    peak_kib = max(usage.ru_maxrss, sum(peaks.values()))
+    return Measurement(seconds, peak_kib * 1.024 / 1000, usage.ru_utime + usage.ru_stime)
+
+
+def _watch_peaks(pid: int, peaks: dict[int, int], done: threading.Event) -> None:
+    """Until `done`: the peak RSS (VmHWM, KiB) of `pid` and of every process under it."""
+    while not done.wait(0.005):
+        pending = [pid]
+        while pending:
+            current = pending.pop()
+            try:
+                status = Path(f"/proc/{current}/status").read_text()
+                children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            except OSError:  # gone, or not Linux
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[current] = max(peaks.get(current, 0), int(line.split()[1]))
+            pending.extend(int(child) for child in children)
 
 
 WARM = 0.999

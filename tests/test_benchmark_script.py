@@ -194,3 +194,36 @@ def test_the_floor_script_runs_as_the_benchmark_runs_it() -> None:
         [sys.executable, str(FLOOR_SCRIPT)], capture_output=True, text=True, check=False
     )
     assert usage.returncode == 1 and "sweep_floor.py CKPT_DIR" in usage.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_peak_memory_adds_up_the_processes_of_a_command() -> None:
+    """bnwd may fork (metrics/split.py): the benchmark's peak is the sum of both processes'
+    peaks, where `ru_maxrss` alone gives the larger one. Measured from a fresh interpreter:
+    a child's `ru_maxrss` starts from the RSS of the process that started it (this one's)."""
+    hold = (
+        "import os, sys, time\n"
+        "pid = os.fork() if sys.argv[1] == 'fork' else 1\n"
+        "block = bytearray(b'x') * ((150 if pid == 0 else 100) << 20)\n"
+        "time.sleep(0.3)\n"
+        "if pid == 0:\n"
+        "    os._exit(0)\n"
+        "if pid != 1:\n"
+        "    os.waitpid(pid, 0)\n"
+    )
+    measuring = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+        "from bench_inspect import measure\n"
+        "print(measure([sys.executable, '-c', sys.argv[1], sys.argv[2]]).peak_rss_mb)\n"
+    )
+
+    def peak(how: str) -> float:
+        done = subprocess.run(
+            [sys.executable, "-c", measuring, hold, how],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        return float(done.stdout)
+
+    assert peak("fork") > 250 * 1.048  # 150 + 100 MiB, and the interpreters
+    assert 100 * 1.048 < peak("alone") < 150 * 1.048  # no child: the one process's peak

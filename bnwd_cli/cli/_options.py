@@ -165,6 +165,7 @@ def build_inspect_options(
     """The analysis options every checkpoint command shares; with --model, the graph analysis
     classifies the parameters instead of the state-dict heuristic."""
     from bnwd_cli.metrics.dynamics import InspectOptions
+    from bnwd_cli.metrics.split import auto_processes
 
     classification = None
     if model is not None:
@@ -182,4 +183,5 @@ def build_inspect_options(
         use_ema=ema,
         strict=strict,
         classification=classification,
+        processes=auto_processes(),
     )

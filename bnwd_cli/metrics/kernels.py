@@ -615,7 +615,18 @@ def _workers(compiled_sweep: bool) -> int:
     setting = os.environ.get("BNWD_THREADS", "")
     if setting.isdigit() and int(setting) > 0:
         return int(setting)
-    return _CORES if compiled_sweep else 1
+    return max(1, _CORES // _sharing) if compiled_sweep else 1
+
+
+_sharing = 1
+"""Processes sweeping at once (`share_cores`): each takes its part of the cores."""
+
+
+def share_cores(processes: int) -> None:
+    """Give this process's sweeps 1/`processes` of the cores (metrics/split.py: the layers of a
+    run shared between processes); `share_cores(1)` gives them all back."""
+    global _sharing
+    _sharing = max(1, processes)
 
 
 _CORES = min(

@@ -35,11 +35,15 @@ def checkpoint_progress(description: str) -> Iterator[Callable[[int, int, str], 
         console=console,
         transient=True,
         disable=not console.is_terminal,
+        auto_refresh=False,
     )
     task = progress.add_task(description, total=None, label="")
 
     def update(done: int, total: int, label: str) -> None:
-        progress.update(task, completed=done, total=total, label=label)
+        # redrawn here, by the caller, not by a refresh thread: the analysis forks a process to
+        # share the layers of a large run (metrics/split.py), which it does only while this
+        # process runs no other thread
+        progress.update(task, completed=done, total=total, label=label, refresh=True)
 
     with progress:
         yield update

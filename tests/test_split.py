@@ -1,0 +1,230 @@
+"""The layers of a run shared between two processes (`metrics/split.py`) give the report one
+process gives: the same layers and figures, warnings and notes in the same order, the same
+progress, the same errors; and a second process that dies leaves the result as it was.
+
+Each analysis runs in a fresh interpreter (`ANALYZE` below): the split forks only where torch
+is not imported, which the test process has imported. The runs are written here with torch;
+bnwd reads their zip files without it. `SPLIT_MIN_BYTES` is set to 0 there, so that these
+small runs are shared too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bnwd_cli.metrics import kernels, split
+from tests.conftest import training_states, write_run
+
+pytestmark = [
+    pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the split forks"),
+    pytest.mark.skipif(not kernels.compiled(), reason="the split needs the compiled sweep"),
+]
+
+ANALYZE = r"""
+import json, os, sys
+from pathlib import Path
+from bnwd_cli.metrics import dynamics, split
+from bnwd_cli.render.dynamics import render_pieces
+from bnwd_cli.render.output import OutputFormat
+
+folder, processes, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dynamics.SPLIT_MIN_BYTES = 0
+parent = os.getpid()
+forks = []
+start = split.Fork.start.__func__
+
+def counted(cls):
+    fork = start(cls)
+    if not fork.child:
+        forks.append(fork.pid)
+    return fork
+
+split.Fork.start = classmethod(counted)
+if mode == "crash":  # the second process dies before it sends anything
+    share = dynamics._LayerAccumulator.share
+    def dying(self, family):
+        if os.getpid() != parent:
+            os._exit(3)
+        return share(self, family)
+    dynamics._LayerAccumulator.share = dying
+calls = []
+out = {}
+try:
+    report = dynamics.analyze_run(
+        folder, dynamics.InspectOptions(processes=processes),
+        progress=lambda done, total, label: calls.append([done, total, label]),
+    )
+    out["json"] = "".join(render_pieces(report, OutputFormat.JSON))
+    out["csv"] = "".join(render_pieces(report, OutputFormat.CSV))
+    out["warnings"] = list(report.warnings)
+    out["notes"] = list(report.notes)
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+out["forks"] = len(forks)
+out["progress"] = calls
+out["pid"] = os.getpid()
+print(json.dumps(out))
+"""
+
+
+def analyze(folder: Path, processes: int, mode: str = "plain") -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", ANALYZE, str(folder), str(processes), mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch" not in done.stderr
+    return json.loads(done.stdout)
+
+
+def run_with_nans(folder: Path) -> Path:
+    """12 checkpoints (two windows) with SGD state; NaN in every weight at two checkpoints, one
+    in each window, so that layers of both processes warn in both windows."""
+    states = training_states(12, seed=3)
+    for k in (2, 10):
+        for name, value in states[k].items():
+            if value.is_floating_point() and value.dim() >= 1 and "running" not in name:
+                value.view(-1)[0] = float("nan")
+    write_run(folder, states, lr=0.1)
+    return folder
+
+
+def test_two_processes_report_what_one_does(tmp_path: Path) -> None:
+    folder = run_with_nans(tmp_path / "run")
+    one, two = analyze(folder, 1), analyze(folder, 2)
+    assert (one["forks"], two["forks"]) == (0, 1)
+    assert two["json"] == one["json"]
+    assert two["csv"] == one["csv"]
+    assert two["warnings"] == one["warnings"]
+    assert two["notes"] == one["notes"]
+    assert two["progress"] == one["progress"]  # shown by the first process only
+    # the warnings come window by window, layer by layer, from both processes' layers
+    nan_warnings = [w for w in one["warnings"] if "NaN/Inf" in w]
+    labels = [w.split(":")[0] for w in nan_warnings]
+    assert labels == sorted(labels, key=lambda label: int(label.split("_")[1].split(".")[0]))
+    assert len({w.split("'")[1] for w in nan_warnings}) >= 4
+
+
+@pytest.mark.parametrize("sample", ["sgd_wd_all", "sgd_no_conv_wd"])
+def test_the_bundled_runs_in_two_processes(sample: str) -> None:
+    folder = Path(__file__).resolve().parent.parent / "sample_checkpoints" / sample
+    one, two = analyze(folder, 1), analyze(folder, 2)
+    assert (one["forks"], two["forks"]) == (0, 1)
+    assert two["json"] == one["json"] and two["csv"] == one["csv"]
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_an_error_in_either_process_is_the_error_of_one(tmp_path: Path, which: str) -> None:
+    """A layer missing from a later checkpoint: in the largest layer's process (the first) or
+    in the second process's share, the analysis ends with the error one process gives."""
+    states = training_states(12, seed=4)
+    sizes = {n: v.numel() for n, v in states[0].items() if v.is_floating_point() and v.dim() > 1}
+    ordered = sorted(sizes, key=lambda n: -sizes[n])
+    gone = ordered[0] if which == "largest" else ordered[1]
+    del states[9][gone]
+    folder = tmp_path / "run"
+    write_run(folder, states, lr=0.1)
+    one, two = analyze(folder, 1), analyze(folder, 2)
+    assert "architecture changed" in one["error"] and gone in one["error"]
+    assert two["error"] == one["error"]
+    assert two["forks"] == 1
+
+
+def test_a_second_process_that_dies_changes_nothing(tmp_path: Path) -> None:
+    folder = run_with_nans(tmp_path / "run")
+    one, crashed = analyze(folder, 1), analyze(folder, 2, mode="crash")
+    assert crashed["forks"] == 1  # it did fork, and then analyzed in one process
+    assert crashed["json"] == one["json"]
+    assert crashed["warnings"] == one["warnings"]
+    # the progress started over for the analysis in one process
+    assert crashed["progress"][-len(one["progress"]) :] == one["progress"]
+
+
+def test_small_runs_and_unsafe_processes_are_not_shared(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    write_run(folder, training_states(3), lr=0.1)
+    script = ANALYZE.replace("dynamics.SPLIT_MIN_BYTES = 0", "")
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder), "2", "plain"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert json.loads(done.stdout)["forks"] == 0  # far below SPLIT_MIN_BYTES
+    assert not split.can_fork()  # this process has imported torch
+    assert "torch" in sys.modules
+    blocker = threading.Event()
+    thread = threading.Thread(target=blocker.wait)
+    thread.start()
+    try:
+        assert threading.active_count() > 1
+    finally:
+        blocker.set()
+        thread.join()
+
+
+def test_shares_cut_the_layers_in_two_runs_of_equal_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    mb = 1 << 20
+    monkeypatch.setattr(split, "LAYER_COST_BYTES", mb // 4)
+    sizes = {"a": mb, "b": mb, "c": 4 * mb, "d": 1024}
+    # work: a 1.25, b 1.25, c 4.25, d 0.25 MB-equivalents (a layer counts 256 KiB): 7 in all
+    assert split.shares(sizes) == ({"a", "b"}, {"c", "d"})
+    many = {f"bn{i}": 4096 for i in range(10)} | {"fc": 8 * mb}
+    first, second = split.shares(many)
+    assert second == {"fc"} and len(first) == 10  # ten small layers against one large one
+    assert split.shares({"x": 100 * mb, "y": 1}) == ({"x"}, {"y"})  # neither share is empty
+    assert split.shares({"x": 1, "y": 100 * mb}) == ({"x"}, {"y"})
+    for sizes_ in (sizes, many):
+        first, second = split.shares(sizes_)
+        names = list(sizes_)
+        assert first == set(names[: len(first)])  # a run from the start, the rest after it
+        assert first | second == set(names) and not first & second
+    with pytest.raises(ValueError):
+        split.shares({"only": mb})
+
+
+def test_auto_processes_and_shared_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNWD_PROCESSES", "1")
+    assert split.auto_processes() == 1
+    monkeypatch.setenv("BNWD_PROCESSES", "7")
+    assert split.auto_processes() == 2  # more than two processes is not built
+    monkeypatch.setenv("BNWD_PROCESSES", "zero")
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert split.auto_processes() == (2 if cores >= 2 else 1)
+    monkeypatch.delenv("BNWD_THREADS", raising=False)
+    try:
+        kernels.share_cores(2)
+        assert kernels._workers(True) == max(1, kernels._CORES // 2)
+        assert kernels._workers(False) == 1
+    finally:
+        kernels.share_cores(1)
+    assert kernels._workers(True) == kernels._CORES
+
+
+def test_the_results_trip_through_the_pipe_intact() -> None:
+    """What the second process sends is unpickled in the first: frozen dataclasses with slots
+    and numpy floats must come back equal."""
+    import pickle
+
+    from bnwd_cli.metrics.dynamics import LayerPoint
+
+    point = LayerPoint(
+        checkpoint=1, step=100, norm=float(np.float64(1.5)), nonfinite=0,
+        relative_step=1e-9, angular_update=None,
+    )  # fmt: skip
+    share = split.LayerShare(("dynamics", point), ["a note"], {"why": "step_1"}, {0: ["w"]})
+    again = pickle.loads(pickle.dumps(share, protocol=pickle.HIGHEST_PROTOCOL))
+    assert again == share and again.dynamics[1] == point
+    assert torch is not None  # (imported for the run writers)
