@@ -24,12 +24,14 @@ reading and sweeping of every tensor with nothing computed from the sums and no 
 bounds what work on the rest (the figures, the records, the output) can gain (README,
 Performance). Each process runs on its own and they take turns; the files are read once untimed
 before every run, and a run counts only if every page of its files was in the page cache before
-and after it (`mincore`), else it is timed again. Wall time is the median of
-`--repeat` runs; peak RSS and CPU time (user + system: the work done, however it is spread over
-the cores) come from `wait4` (the child's `ru_maxrss`, `ru_utime`, `ru_stime`). The memory runs
-also give the cost of each further checkpoint ((T40 - T5) / 35), which separates throughput from
-the fixed start-up cost. The share of the files' page cache in 2 MiB folios is printed too: with
-the files read back from disk in small folios, `cat` takes up to twice as long
+and after it (`mincore`), else it is timed again. Wall time is the median of `--repeat` runs;
+CPU time (user + system: the work done, however it is spread over the cores) comes from `wait4`
+(`ru_utime`, `ru_stime`, which count the processes bnwd forks and waits for), peak RSS from
+`ru_maxrss` or, where bnwd forked a second process (bnwd_cli/metrics/split.py), the sum of the
+peaks of both (`measure`). The memory runs (as many rounds as the timed run, the largest peak of
+each) also give the cost of each further checkpoint ((T40 - T5) / 35), which separates
+throughput from the fixed start-up cost. The share of the files' page cache in 2 MiB folios is
+printed too: with the files read back from disk in small folios, `cat` takes up to twice as long
 (docs/performance.md).
 
     .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 4 minutes
@@ -621,10 +623,19 @@ def main(argv: list[str] | None = None) -> int:
                 folder = subset(args.data, fmt, n)
                 files = sorted(folder.iterdir())
                 one_mb = max(f.stat().st_size for f in files) / MB
-                raw = timed_warm(["cat", *map(str, files)], files, cache)
-                m = timed_warm(
-                    bnwd_command(folder, scratch / "memory.json", args.bnwd_arg), files, cache
+                # as many rounds as the timed run: the largest peak and the median times (a
+                # peak moves by 10-20 MB with the page cache's folios, in each of bnwd's
+                # processes)
+                both = interleaved(
+                    {
+                        "raw": ["cat", *map(str, files)],
+                        "bnwd": bnwd_command(folder, scratch / "memory.json", args.bnwd_arg),
+                    },
+                    files,
+                    args.repeat,
+                    cache,
                 )
+                raw, m = both["raw"], both["bnwd"]
                 runs.append((n, m, raw))
                 lines.append(
                     f"| {fmt} | {n} | {one_mb:.0f} | {m.peak_rss_mb:.0f} | {one_mb + 300:.0f} "
