@@ -64,6 +64,7 @@ def sweep_only(folder: Path, processes: int = 1) -> None:
             setattr(owner, name, value)
     raise AssertionError("the analysis ended without summarizing its layers")
 
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__.split("\n\n")[1])
