@@ -6,9 +6,9 @@ on one core at a time: while it works out a layer the other cores wait. So `anal
 it has read the first checkpoint and knows the layers, can fork: the parent takes the first
 layers of the state dict, the child the rest (`shares`: about half the work each), each with
 half the threads, and both read every checkpoint (discovery is done before the fork and
-shared). The child sends what it found for its layers
-(`LayerShare`) back through a pipe and ends; the parent puts the layers back in their order.
-Measured on 2 cores, 20 ResNet-50 checkpoints (docs/performance.md): see `analyze_run`.
+shared). The child sends what it found for its layers (`LayerShare`, pickled: this process's
+own data through its own pipe) and ends; the parent puts the layers back in their order.
+Measured on 2 cores, 20 ResNet-50 checkpoints: see `analyze_run` and docs/performance.md.
 
 Nothing here may change a result: the shares are computed by the same code as one process,
 warnings come out in the same order (`window_warnings`), and whenever the child does not
