@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import training_states, write_run
 
 from bnwd_cli.metrics import kernels, split
-from tests.conftest import training_states, write_run
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the split forks"),
