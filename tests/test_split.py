@@ -24,7 +24,7 @@ from conftest import training_states, write_run
 from bnwd_cli.metrics import kernels, split
 
 pytestmark = [
-    pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the split forks"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the split forks on Linux"),
     pytest.mark.skipif(not kernels.compiled(), reason="the split needs the compiled sweep"),
 ]
 

@@ -15,7 +15,7 @@ warnings come out in the same order (`window_warnings`), and whenever the child 
 deliver (an error in its share, a crash, a signal) the parent kills it and the whole analysis
 is run again in one process, which raises what one process raises.
 
-A fork is made only where it is safe: on POSIX, with the compiled sweep, with no other thread
+A fork is made only where it is safe: on Linux, with the compiled sweep, with no other thread
 running in this process and torch not imported (its thread pools would be copied half-held).
 """
 
@@ -56,19 +56,20 @@ class LayerShare:
 
 def auto_processes() -> int:
     """How many processes share a run by default: BNWD_PROCESSES, else 2 where the machine has
-    at least 2 cores and can fork, 1 otherwise."""
+    at least 2 cores and is Linux, 1 otherwise (`can_fork` has the last word)."""
     setting = os.environ.get("BNWD_PROCESSES", "")
     if setting.isdigit() and int(setting) > 0:
         return min(int(setting), 2)
-    return 2 if hasattr(os, "fork") and _cores() >= 2 else 1
+    return 2 if sys.platform.startswith("linux") and _cores() >= 2 else 1
 
 
 def can_fork() -> bool:
-    """Whether forking now leaves the child nothing half-held: POSIX, no other thread in this
-    process, torch not imported."""
+    """Whether forking now leaves the child nothing half-held: Linux (macOS's system libraries
+    are not safe to use in a forked child that does not exec, which is why Python's own
+    multiprocessing spawns there), no other thread in this process, torch not imported."""
     return (
         hasattr(os, "fork")
-        and sys.platform != "win32"
+        and sys.platform.startswith("linux")
         and threading.active_count() == 1
         and "torch" not in sys.modules
     )
