@@ -5,7 +5,8 @@ progress, the same errors; and a second process that dies leaves the result as i
 Each analysis runs in a fresh interpreter (`ANALYZE` below): the split forks only where torch
 is not imported, which the test process has imported. The runs are written here with torch;
 bnwd reads their zip files without it. `SPLIT_MIN_BYTES` is set to 0 there, so that these
-small runs are shared too.
+small runs are shared too. One run above it goes through the command line itself (`inspect`
+and `check`), watched from /proc to see that it forked.
 """
 
 from __future__ import annotations
@@ -228,3 +229,72 @@ def test_the_results_trip_through_the_pipe_intact() -> None:
     again = pickle.loads(pickle.dumps(share, protocol=pickle.HIGHEST_PROTOCOL))
     assert again == share and again.dynamics[1] == point
     assert torch is not None  # (imported for the run writers)
+
+
+def large_run(folder: Path, checkpoints: int = 3) -> Path:
+    """Convolutions of 512 x 512 x 3 x 3 with BatchNorm after each: 38 MB of weights per
+    checkpoint, above `SPLIT_MIN_BYTES`, so that `bnwd` shares it without being told."""
+    generator = torch.Generator().manual_seed(7)
+    state: dict[str, torch.Tensor] = {}
+    for i in range(4):
+        state[f"conv{i}.weight"] = torch.randn(512, 512, 3, 3, generator=generator) * 0.05
+        state[f"bn{i}.weight"] = torch.ones(512)
+        state[f"bn{i}.bias"] = torch.zeros(512)
+        state[f"bn{i}.running_mean"] = torch.zeros(512)
+        state[f"bn{i}.running_var"] = torch.ones(512)
+        state[f"bn{i}.num_batches_tracked"] = torch.tensor(0)
+    states = [state]
+    for _ in range(checkpoints - 1):
+        states.append(
+            {
+                n: v + 0.01 * torch.randn(v.shape, generator=generator) if v.dim() else v + 1
+                for n, v in states[-1].items()
+            }
+        )
+    write_run(folder, states, fmt="safetensors")
+    assert sum(v.numel() * 4 for v in state.values() if v.dim()) > split.SPLIT_MIN_BYTES
+    return folder
+
+
+def bnwd_watched(*args: str, processes: str | None) -> tuple[subprocess.CompletedProcess, int]:
+    """`bnwd` run as a user runs it, and the most processes it had at once (it and its
+    children, polled from /proc). Its output goes to files: a full pipe would stop it."""
+    import contextlib
+    import os
+    import tempfile
+    import time
+
+    env = dict(os.environ)
+    env.pop("BNWD_PROCESSES", None)
+    if processes is not None:
+        env["BNWD_PROCESSES"] = processes
+    command = [sys.executable, "-m", "bnwd_cli", *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        most = 1
+        children = Path(f"/proc/{child.pid}/task/{child.pid}/children")
+        while child.poll() is None:
+            with contextlib.suppress(OSError):
+                most = max(most, 1 + len(children.read_text().split()))
+            time.sleep(0.001)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(command, child.returncode, out.read(), err.read())
+    return done, most
+
+
+@pytest.mark.skipif(
+    len(__import__("os").sched_getaffinity(0)) < 2, reason="a run is shared on 2 cores or more"
+)
+def test_the_command_line_shares_a_large_run_and_reports_the_same(tmp_path: Path) -> None:
+    folder = large_run(tmp_path / "run")
+    one, one_count = bnwd_watched("inspect", str(folder), "--format", "json", processes="1")
+    two, two_count = bnwd_watched("inspect", str(folder), "--format", "json", processes=None)
+    assert one.returncode == two.returncode == 0, two.stderr
+    assert (one_count, two_count) == (1, 2)  # the default forks for this run
+    assert two.stdout == one.stdout and two.stderr == one.stderr
+    assert json.loads(two.stdout)["layers"]
+    check_one, _ = bnwd_watched("check", str(folder), processes="1")
+    check_two, count = bnwd_watched("check", str(folder), processes=None)
+    assert count == 2
+    assert (check_two.returncode, check_two.stdout) == (check_one.returncode, check_one.stdout)
