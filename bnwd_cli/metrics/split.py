@@ -78,9 +78,9 @@ def can_fork() -> bool:
 LAYER_COST_BYTES = 1 << 18
 """The Python of one layer, counted as this many bytes swept, when cutting the layers in two.
 Set where the two processes of the 20-checkpoint ResNet-50 runs finished closest together:
-the child 0.33 s and the parent 0.33 s in for safetensors, 0.69 and 0.61 s for torch (where a
-cut one large layer further over is just as far off the other way); 1 MiB left the parent
-waiting 0.31 s for the child, 128 KiB the child 0.06 s for the parent."""
+both 0.33 s into the run for safetensors; the child at 0.69 s and the parent at 0.61 s for torch
+(a cut one large layer further over is as far off the other way). With 1 MiB the parent waited
+0.31 s for the child; with 128 KiB the child was done 0.06 s before the parent."""
 
 
 def shares(sizes: Mapping[str, int]) -> tuple[set[str], set[str]]:
