@@ -236,7 +236,6 @@ def test_the_results_trip_through_the_pipe_intact() -> None:
     share = split.LayerShare(("dynamics", point), ["a note"], {"why": "step_1"}, {0: ["w"]})
     again = pickle.loads(pickle.dumps(share, protocol=pickle.HIGHEST_PROTOCOL))
     assert again == share and again.dynamics[1] == point
-    assert torch is not None  # (imported for the run writers)
 
 
 def large_run(folder: Path, checkpoints: int = 3) -> Path:
