@@ -40,7 +40,7 @@ def sweep_only(folder: Path, processes: int = 1) -> None:
     def no_record(self, *args, **kwargs):
         self.points.append(None)  # (a layer with points is swept from the checkpoint before)
 
-    def no_summary(self, family):
+    def no_summary(self, *args):
         return LayerShare(None, [], {}, {})  # (what a second process sends back)
 
     def stop(*args, **kwargs):

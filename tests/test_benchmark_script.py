@@ -184,6 +184,41 @@ def test_the_floor_sweeps_what_bnwd_sweeps() -> None:
     assert (kernels._window_figures, dynamics._LayerAccumulator._record) == (figures, record)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the split forks on Linux")
+def test_the_floor_shares_a_run_between_two_processes_as_bnwd_does() -> None:
+    """With two processes the floor forks as bnwd does and both complete their shares: a share
+    that failed would be analyzed again in one process, and the floor would time that."""
+    from bnwd_cli.metrics import kernels
+
+    if not kernels.compiled():
+        pytest.skip("the split needs the compiled sweep")
+    code = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(FLOOR_SCRIPT.parent)!r})
+import sweep_floor
+from bnwd_cli.metrics import dynamics, split
+dynamics.SPLIT_MIN_BYTES = 0
+analyses, forks = [], []
+analyze, start = dynamics._analyze, split.Fork.start.__func__
+def counted(path, options, *rest):
+    analyses.append(options.processes)
+    return analyze(path, options, *rest)
+def forked(cls):
+    fork = start(cls)
+    forks.append(fork.child)
+    return fork
+dynamics._analyze, split.Fork.start = counted, classmethod(forked)
+sweep_floor.sweep_only(Path(sys.argv[1]), 2)
+print(analyses, forks)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(RUN)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[2] [False]"  # one analysis, shared: no second try
+
+
 def test_the_floor_script_runs_as_the_benchmark_runs_it() -> None:
     done = subprocess.run(
         [sys.executable, str(FLOOR_SCRIPT), str(RUN)], capture_output=True, text=True, check=False

@@ -33,10 +33,11 @@ ANALYZE = r"""
 import json, os, sys
 from pathlib import Path
 from bnwd_cli.metrics import dynamics, split
-from bnwd_cli.render.dynamics import render_pieces
+from bnwd_cli.render.dynamics import csv_layer_text, json_layer_text, render_pieces
 from bnwd_cli.render.output import OutputFormat
 
 folder, processes, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+renderer = {"json": json_layer_text, "csv": csv_layer_text, "none": None}[sys.argv[4]]
 dynamics.SPLIT_MIN_BYTES = 0
 parent = os.getpid()
 forks = []
@@ -51,10 +52,10 @@ def counted(cls):
 split.Fork.start = classmethod(counted)
 if mode == "crash":  # the second process dies before it sends anything
     share = dynamics._LayerAccumulator.share
-    def dying(self, family):
+    def dying(self, *args):
         if os.getpid() != parent:
             os._exit(3)
-        return share(self, family)
+        return share(self, *args)
     dynamics._LayerAccumulator.share = dying
 calls = []
 out = {}
@@ -62,7 +63,11 @@ try:
     report = dynamics.analyze_run(
         folder, dynamics.InspectOptions(processes=processes),
         progress=lambda done, total, label: calls.append([done, total, label]),
+        render_layer=renderer,
     )
+    texts = report.prerendered.texts if report.prerendered else ()
+    out["prerendered"] = sum(text is not None for text in texts)
+    out["layers"] = len(report.layers)
     out["json"] = "".join(render_pieces(report, OutputFormat.JSON))
     out["csv"] = "".join(render_pieces(report, OutputFormat.CSV))
     out["warnings"] = list(report.warnings)
@@ -76,9 +81,10 @@ print(json.dumps(out))
 """
 
 
-def analyze(folder: Path, processes: int, mode: str = "plain") -> dict:
+def analyze(folder: Path, processes: int, mode: str = "plain", renderer: str = "none") -> dict:
+    """`renderer`: the layers' text each process makes as it finishes them (json, csv, none)."""
     done = subprocess.run(
-        [sys.executable, "-c", ANALYZE, str(folder), str(processes), mode],
+        [sys.executable, "-c", ANALYZE, str(folder), str(processes), mode, renderer],
         capture_output=True,
         text=True,
         timeout=300,
@@ -115,6 +121,12 @@ def test_two_processes_report_what_one_does(tmp_path: Path) -> None:
     labels = [w.split(":")[0] for w in nan_warnings]
     assert labels == sorted(labels, key=lambda label: int(label.split("_")[1].split(".")[0]))
     assert len({w.split("'")[1] for w in nan_warnings}) >= 4
+    # each process renders its own layers, and the texts join to the same report
+    for renderer in ("json", "csv"):
+        rendered = analyze(folder, 2, renderer=renderer)
+        assert rendered["forks"] == 1 and rendered["prerendered"] == rendered["layers"] > 4
+        assert rendered["json"] == one["json"] and rendered["csv"] == one["csv"]
+        assert analyze(folder, 1, renderer=renderer)["prerendered"] == 0  # nothing to share
 
 
 @pytest.mark.parametrize("sample", ["sgd_wd_all", "sgd_no_conv_wd"])
@@ -148,8 +160,9 @@ def test_an_error_in_either_process_is_the_error_of_one(tmp_path: Path, which: s
 
 def test_a_second_process_that_dies_changes_nothing(tmp_path: Path) -> None:
     folder = run_with_nans(tmp_path / "run")
-    one, crashed = analyze(folder, 1), analyze(folder, 2, mode="crash")
+    one, crashed = analyze(folder, 1), analyze(folder, 2, mode="crash", renderer="json")
     assert crashed["forks"] == 1  # it did fork, and then analyzed in one process
+    assert crashed["prerendered"] == 0
     assert crashed["json"] == one["json"]
     assert crashed["warnings"] == one["warnings"]
     # the progress started over for the analysis in one process
@@ -161,13 +174,15 @@ def test_small_runs_and_unsafe_processes_are_not_shared(tmp_path: Path) -> None:
     write_run(folder, training_states(3), lr=0.1)
     script = ANALYZE.replace("dynamics.SPLIT_MIN_BYTES = 0", "")
     done = subprocess.run(
-        [sys.executable, "-c", script, str(folder), "2", "plain"],
+        [sys.executable, "-c", script, str(folder), "2", "plain", "json"],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    assert json.loads(done.stdout)["forks"] == 0  # far below SPLIT_MIN_BYTES
+    found = json.loads(done.stdout)
+    assert found["forks"] == 0  # far below SPLIT_MIN_BYTES
+    assert found["prerendered"] == 0 and found["layers"] > 0  # rendered when written
     assert not split.can_fork()  # this process has imported torch
 
 
@@ -301,7 +316,73 @@ def test_the_command_line_shares_a_large_run_and_reports_the_same(tmp_path: Path
     assert (one_count, two_count) == (1, 2)  # the default forks for this run
     assert two.stdout == one.stdout and two.stderr == one.stderr
     assert json.loads(two.stdout)["layers"]
+    csv_one, _ = bnwd_watched("inspect", str(folder), "--format", "csv", processes="1")
+    csv_two, count = bnwd_watched("inspect", str(folder), "--format", "csv", processes=None)
+    assert count == 2 and csv_two.returncode == 0
+    assert csv_two.stdout == csv_one.stdout and csv_two.stdout.count("\n") > 4
     check_one, _ = bnwd_watched("check", str(folder), processes="1")
     check_two, count = bnwd_watched("check", str(folder), processes=None)
     assert count == 2
     assert (check_two.returncode, check_two.stdout) == (check_one.returncode, check_one.stdout)
+
+
+def test_prerendered_texts_are_used_only_by_the_renderer_that_made_them() -> None:
+    """A layer's text made ahead replaces that layer's part of the report in its own format,
+    and nowhere else (a CSV text never ends up in JSON, nor the other way)."""
+    from dataclasses import replace
+
+    from bnwd_cli.metrics.dynamics import InspectOptions, Prerendered, analyze_run
+    from bnwd_cli.render.dynamics import csv_layer_text, json_layer_text, render_pieces
+    from bnwd_cli.render.output import OutputFormat
+
+    folder = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "sgd_wd_all"
+    report = analyze_run(folder, InspectOptions(processes=1))
+    assert report.prerendered is None
+    plain = {f: "".join(render_pieces(report, f)) for f in (OutputFormat.JSON, OutputFormat.CSV)}
+    count = len(report.layers)
+    for renderer, fmt, other in (
+        (json_layer_text, OutputFormat.JSON, OutputFormat.CSV),
+        (csv_layer_text, OutputFormat.CSV, OutputFormat.JSON),
+    ):
+        texts = [renderer(layer, report.checkpoints) for layer in report.layers]
+        same = replace(report, prerendered=Prerendered(renderer, tuple(texts)))
+        assert "".join(render_pieces(same, fmt)) == plain[fmt]
+        marked = replace(
+            report, prerendered=Prerendered(renderer, ("MARK",) + (None,) * (count - 1))
+        )
+        assert "".join(render_pieces(marked, fmt)).count("MARK") == 1
+        assert "".join(render_pieces(marked, other)) == plain[other]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_cut_counts_the_optimizer_state_each_sweep_reads(
+    tmp_path: Path, optimizer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`swept_bytes`, which the cut weighs the layers by, is what a sweep of the layer reads
+    per checkpoint: the weight and the state its implied step comes from (a momentum buffer,
+    Adam's two moments), as `plan_step` picks them from the state itself."""
+    from test_audit import write_run as train
+
+    from bnwd_cli.metrics import dynamics
+
+    train(tmp_path, optimizer)
+    seen: list[tuple[int, int, int]] = []
+    add_window = dynamics._LayerAccumulator.add_window
+
+    def spy(self, window, previous, options, family, warnings):  # type: ignore[no-untyped-def]
+        for visit in window:
+            tensor = self._tensor(visit.checkpoint)
+            hyper = visit.snapshot.per_param.get(self.verdict.name)
+            inputs = dynamics._step_inputs(visit.checkpoint, visit.snapshot, hyper, options)
+            plan = self._plan(tensor, visit.snapshot, inputs, family)
+            state = 0
+            if plan is not None:
+                state = plan.fill.x.nbytes + (plan.fill.y.nbytes if plan.fill.y is not None else 0)
+            seen.append((self.swept_bytes(visit), tensor.nbytes + state, tensor.nbytes))
+        return add_window(self, window, previous, options, family, warnings)
+
+    monkeypatch.setattr(dynamics._LayerAccumulator, "add_window", spy)
+    dynamics.analyze_run(tmp_path)
+    assert seen and all(estimate == read for estimate, read, _ in seen)
+    copies = {read // weight for _, read, weight in seen}
+    assert copies == {2 if optimizer == "sgd" else 3}

@@ -55,7 +55,7 @@ def inspect(
     updates and effective learning rates over the run's checkpoints."""
     from bnwd_cli.metrics.dynamics import analyze_run
     from bnwd_cli.render.console import say_note, say_warning
-    from bnwd_cli.render.dynamics import render_pieces
+    from bnwd_cli.render.dynamics import layer_renderer, render_pieces
     from bnwd_cli.render.output import emit
     from bnwd_cli.render.progress import checkpoint_progress
 
@@ -72,7 +72,7 @@ def inspect(
         layers=layers,
     )
     with checkpoint_progress("reading checkpoints") as progress:
-        report = analyze_run(ckpt_dir, options, progress)
+        report = analyze_run(ckpt_dir, options, progress, render_layer=layer_renderer(fmt))
     for warning in report.warnings:
         say_warning(warning)
     for note in report.notes:

@@ -6,8 +6,9 @@ on one core at a time: while it works out a layer the other cores wait. So `anal
 it has read the first checkpoint and knows the layers, can fork: the parent takes the first
 layers of the state dict, the child the rest (`shares`: about half the work each), each with
 half the threads, and both read every checkpoint (discovery is done before the fork and
-shared). The child sends what it found for its layers (`LayerShare`, pickled: this process's
-own data through its own pipe) and ends; the parent puts the layers back in their order.
+shared). Each process finishes its layers and, when the command writes JSON or CSV, renders
+them too; the child sends what it found (`LayerShare`, pickled: this process's own data
+through its own pipe) and ends; the parent puts the layers back in their order.
 Measured on 2 cores, 20 ResNet-50 checkpoints: see `analyze_run` and docs/performance.md.
 
 Nothing here may change a result: the shares are computed by the same code as one process,
@@ -52,6 +53,8 @@ class LayerShare:
     window_warnings: dict[int, list[str]]
     """The layer's warnings, by the window they came from (to be merged in one process's
     order: window by window, layer by layer)."""
+    text: str | None = None
+    """The layer rendered for the report (`analyze_run(render_layer=)`), if asked for."""
 
 
 def auto_processes() -> int:
@@ -76,11 +79,13 @@ def can_fork() -> bool:
 
 
 LAYER_COST_BYTES = 1 << 18
-"""The Python of one layer, counted as this many bytes swept, when cutting the layers in two.
-Set where the two processes of the 20-checkpoint ResNet-50 runs finished closest together:
-both 0.33 s into the run for safetensors; the child at 0.69 s and the parent at 0.61 s for torch
-(a cut one large layer further over is as far off the other way). With 1 MiB the parent waited
-0.31 s for the child; with 128 KiB the child was done 0.06 s before the parent."""
+"""The Python of one layer (its figures, points and text), counted as this many bytes swept,
+when cutting the layers in two. Set where the two processes of the 20-checkpoint ResNet-50
+runs finished closest together: within 0.02 s for safetensors and 0.02-0.07 s for torch files,
+the parent last (384 KiB, one layer further over, had the child last by 0.02 and 0.03 s). The
+bytes count the optimizer state a sweep reads with each weight (`swept_bytes`): counting the
+weights alone, the child of the torch run, which holds the largest layers and their momentum,
+finished 0.07-0.13 s after the parent."""
 
 
 def shares(sizes: Mapping[str, int]) -> tuple[set[str], set[str]]:

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING
 
 from bnwd_cli._version import __version__
 from bnwd_cli.graph.classes import ParamKind
-from bnwd_cli.metrics.dynamics import LayerDynamics, RunDynamics, layers_by_kind
+from bnwd_cli.metrics.dynamics import (
+    CheckpointInfo,
+    LayerDynamics,
+    LayerRenderer,
+    RunDynamics,
+    layers_by_kind,
+)
 from bnwd_cli.render.audit import (
     audit_markdown,
     audit_table,
@@ -19,7 +25,7 @@ from bnwd_cli.render.audit import (
 )
 from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
-from bnwd_cli.render.serialize import Lazy, iter_dumps, to_data
+from bnwd_cli.render.serialize import Lazy, Raw, item_text, iter_dumps, to_data
 
 if TYPE_CHECKING:  # Rich is imported where a table is drawn (render.console)
     from rich.table import Table
@@ -240,49 +246,55 @@ CSV_COLUMNS = (
 def render_csv_pieces(report: RunDynamics) -> Iterator[str]:
     """Tidy CSV, one row per checkpoint x layer, a layer at a time."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for layer in report.layers:
-        for p in layer.points:
-            info = report.checkpoints[p.checkpoint]
-            writer.writerow(
-                [
-                    p.checkpoint,
-                    info.label,
-                    _cell(info.step),
-                    _cell(info.epoch),
-                    layer.name,
-                    layer.classification.kind.value,
-                    layer.classification.granularity.value,
-                    "x".join(map(str, layer.shape)),
-                    _cell(p.norm),
-                    _cell(p.row_norm_min),
-                    _cell(p.row_norm_max),
-                    _cell(p.row_norm_cv),
-                    _cell(p.steps_between),
-                    _cell(p.relative_step),
-                    _cell(p.angular_update),
-                    _cell(p.lr),
-                    _cell(p.weight_decay),
-                    _cell(p.effective_lr),
-                    _cell(p.lr_factor),
-                    p.nonfinite,
-                    _cell(p.implied_relative_update),
-                    _cell(p.implied_angle),
-                    "" if p.implied_exact is None else str(p.implied_exact).lower(),
-                    _cell(p.optimizer_step),
-                    _cell(p.equilibrium_angle),
-                    _cell(p.optimizer_group),
-                    _cell(p.momentum),
-                    _cell(p.betas[0] if p.betas else None),
-                    _cell(p.betas[1] if p.betas else None),
-                    _cell(p.eps),
-                ]
-            )
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
+    csv.writer(buffer, lineterminator="\n").writerow(CSV_COLUMNS)
     yield buffer.getvalue()
+    texts = report.prerendered.of(csv_layer_text) if report.prerendered else None
+    for i, layer in enumerate(report.layers):
+        text = texts[i] if texts is not None else None
+        yield text if text is not None else csv_layer_text(layer, report.checkpoints)
+
+
+def csv_layer_text(layer: LayerDynamics, checkpoints: Sequence[CheckpointInfo]) -> str:
+    """The CSV rows of one layer (`render_csv_pieces`)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for p in layer.points:
+        info = checkpoints[p.checkpoint]
+        writer.writerow(
+            [
+                p.checkpoint,
+                info.label,
+                _cell(info.step),
+                _cell(info.epoch),
+                layer.name,
+                layer.classification.kind.value,
+                layer.classification.granularity.value,
+                "x".join(map(str, layer.shape)),
+                _cell(p.norm),
+                _cell(p.row_norm_min),
+                _cell(p.row_norm_max),
+                _cell(p.row_norm_cv),
+                _cell(p.steps_between),
+                _cell(p.relative_step),
+                _cell(p.angular_update),
+                _cell(p.lr),
+                _cell(p.weight_decay),
+                _cell(p.effective_lr),
+                _cell(p.lr_factor),
+                p.nonfinite,
+                _cell(p.implied_relative_update),
+                _cell(p.implied_angle),
+                "" if p.implied_exact is None else str(p.implied_exact).lower(),
+                _cell(p.optimizer_step),
+                _cell(p.equilibrium_angle),
+                _cell(p.optimizer_group),
+                _cell(p.momentum),
+                _cell(p.betas[0] if p.betas else None),
+                _cell(p.betas[1] if p.betas else None),
+                _cell(p.eps),
+            ]
+        )
+    return buffer.getvalue()
 
 
 def _cell(value: float | int | None) -> str:
@@ -333,7 +345,19 @@ def _document(report: RunDynamics, layers: object) -> dict[str, object]:
 def render_json_pieces(report: RunDynamics) -> Iterator[str]:
     """The JSON of `report_document`, a layer at a time (`iter_dumps`): a long run's report is
     never held as one document or one text."""
-    return iter_dumps(_document(report, Lazy(map(_layer_document, report.layers))))
+    texts = report.prerendered.of(json_layer_text) if report.prerendered else None
+    if texts is None:
+        return iter_dumps(_document(report, Lazy(map(_layer_document, report.layers))))
+    items = (
+        Raw(text) if text is not None else _layer_document(layer)
+        for layer, text in zip(report.layers, texts, strict=True)
+    )
+    return iter_dumps(_document(report, Lazy(items)))
+
+
+def json_layer_text(layer: LayerDynamics, checkpoints: Sequence[CheckpointInfo]) -> str:
+    """A layer's object in the JSON of `render_json_pieces`."""
+    return item_text(_layer_document(layer))
 
 
 def render_markdown(report: RunDynamics) -> str:
@@ -364,6 +388,12 @@ def render_markdown(report: RunDynamics) -> str:
     lines += equilibrium_markdown(report)
     lines += audit_markdown(report.audit)
     return "\n".join(lines)
+
+
+def layer_renderer(fmt_: OutputFormat) -> LayerRenderer | None:
+    """What renders one layer of a report in `fmt_`, where the format has such a part, for
+    `analyze_run(render_layer=)`: the processes that share a run then share its rendering."""
+    return {OutputFormat.CSV: csv_layer_text, OutputFormat.JSON: json_layer_text}.get(fmt_)
 
 
 def render_pieces(

@@ -94,12 +94,31 @@ def dumps(document: Any) -> str:
 
 class Lazy:
     """An array of a document's top level that `iter_dumps` writes item by item, each item
-    made when it is written (the layers of a report: their points are most of its text)."""
+    made when it is written (the layers of a report: their points are most of its text), or
+    made before as `item_text`."""
 
     __slots__ = ("items",)
 
     def __init__(self, items: Iterable[Any]) -> None:
         self.items = items
+
+
+class Raw(str):
+    """An item of a `Lazy` already written (`item_text`): `iter_dumps` copies it as it is."""
+
+    __slots__ = ()
+
+
+_ITEM_NEWLINE = "\n    "
+"""Where the lines of an item of a top-level array start: two levels in."""
+
+
+def item_text(value: Any) -> str:
+    """The text `iter_dumps` writes for `value` as an item of a `Lazy` (made elsewhere, e.g. in
+    the process that computed it; wrap it in `Raw` to put it in a `Lazy`)."""
+    parts: list[str] = []
+    _write(value, _ITEM_NEWLINE, parts)
+    return "".join(parts)
 
 
 def iter_dumps(document: dict[str, Any]) -> Iterator[str]:
@@ -118,8 +137,11 @@ def iter_dumps(document: dict[str, Any]) -> Iterator[str]:
             continue
         empty = True
         for item in value.items:
-            parts.append(("[" if empty else ",") + inner + "  ")
-            _write(item, inner + "  ", parts)
+            parts.append(("[" if empty else ",") + _ITEM_NEWLINE)
+            if type(item) is Raw:
+                parts.append(item)
+            else:
+                _write(item, _ITEM_NEWLINE, parts)
             yield "".join(parts)
             parts.clear()
             empty = False
