@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from bnwd_cli.checkpoints.arrays import from_torch, to_torch
 from bnwd_cli.checkpoints.formats import (
@@ -110,7 +109,7 @@ class SafetensorsSource:
             if isinstance(handle, SafetensorsFile):
                 return handle.get_tensor(key)
             tensor = from_torch(handle.get_tensor(key))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        except _read_errors() as exc:
             raise CheckpointError(
                 self._files[index], f"tensor '{key}' cannot be read ({exc})"
             ) from None
@@ -142,10 +141,20 @@ def _open_safetensors(file: Path) -> Any:
         return SafetensorsFile(file)
     except NotMappableError:
         pass
+    from safetensors import safe_open
+
     try:
         return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except _read_errors() as exc:
         raise CheckpointError(file, f"is not a readable safetensors file ({exc})") from None
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What reading a safetensors file can raise. The library is imported only where its reader
+    is used: the mapped reader takes every well-formed file."""
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError, ValueError, RuntimeError)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import struct
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -136,6 +135,8 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False, outline: bool = F
             return load_torch_zip(path, outline=outline)
         except NotMappableError:
             pass
+        import zipfile  # (here: a run of safetensors files never needs it)
+
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()

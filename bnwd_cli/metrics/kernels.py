@@ -39,13 +39,15 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bnwd_cli.checkpoints.arrays import as_array, tag_of, widened
+
+if TYPE_CHECKING:  # imported where a pool is first made: two processes sweep a thread each
+    from concurrent.futures import ThreadPoolExecutor
 
 try:
     from bnwd_cli.metrics import _sweep as _compiled  # type: ignore[attr-defined]
@@ -635,6 +637,8 @@ _CORES = min(
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor
+
     global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers < workers:

@@ -3,14 +3,12 @@ weight-decay audit (for `bnwd inspect`), and the parameter-group plan of `bnwd s
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from bnwd_cli.groups import GroupRole, ParamGroupSummary
 from bnwd_cli.metrics.audit import AuditFinding, AuditSeverity
 from bnwd_cli.metrics.dynamics import LayerDynamics, RunDynamics
 from bnwd_cli.metrics.equilibrium import EquilibriumStatus
@@ -20,6 +18,8 @@ from bnwd_cli.render.serialize import dumps, to_data
 
 if TYPE_CHECKING:  # Rich is imported where a table is drawn (render.console)
     from rich.table import Table
+
+    from bnwd_cli.groups import ParamGroupSummary
 
 EQUILIBRIUM_TITLE = "Optimizer and equilibrium of scale-invariant weights (per optimizer step)"
 AUDIT_TITLE = "Weight-decay audit"
@@ -255,6 +255,8 @@ def training_snippet(
         f"# Groups decided by `bnwd suggest-groups` ({summary.classification_method}).",
         f"model = {model_call}",
     ]
+    from bnwd_cli.groups import GroupRole  # (here: `inspect` never needs the groups)
+
     constants = {
         GroupRole.DECAY: "DECAY",
         GroupRole.NO_DECAY: "NO_DECAY",
@@ -324,6 +326,8 @@ def render_groups(
     if fmt is OutputFormat.MARKDOWN:
         return groups_markdown(summary, snippet)
     if fmt is OutputFormat.CSV:
+        import csv
+
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["parameter", "shape", "kind", "group", "weight_decay"])

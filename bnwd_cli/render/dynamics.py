@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Iterator, Sequence
@@ -245,6 +244,8 @@ CSV_COLUMNS = (
 
 def render_csv_pieces(report: RunDynamics) -> Iterator[str]:
     """Tidy CSV, one row per checkpoint x layer, a layer at a time."""
+    import csv  # (here: only CSV needs it)
+
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(CSV_COLUMNS)
     yield buffer.getvalue()
@@ -256,6 +257,8 @@ def render_csv_pieces(report: RunDynamics) -> Iterator[str]:
 
 def csv_layer_text(layer: LayerDynamics, checkpoints: Sequence[CheckpointInfo]) -> str:
     """The CSV rows of one layer (`render_csv_pieces`)."""
+    import csv
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     for p in layer.points:

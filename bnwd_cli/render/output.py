@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
@@ -36,6 +35,8 @@ def write_atomically(path: Path, text: str | Iterable[str]) -> None:
         raise UsageError(f"--output {path}: folder {folder} does not exist")
     if path.is_dir():
         raise UsageError(f"--output {path}: is a folder; name a file")
+    import tempfile  # (here: most commands write to stdout)
+
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
