@@ -110,6 +110,7 @@ def classify_state_dict(entries: Sequence[TensorEntry]) -> ModelClassification:
 
     verdicts: dict[str, ParamClassification] = {}
     joint_id = 0
+    norms_by_parent: dict[str, list[_Module]] | None = None  # made where a name pairs them
     for index, owner in enumerate(order):
         if owner.is_norm:
             for attr, shape in owner.params.items():
@@ -133,7 +134,9 @@ def classify_state_dict(entries: Sequence[TensorEntry]) -> ModelClassification:
                 f"{nxt.channels} channels = {weight_shape[0]} output rows"
             )
         else:
-            nxt = _named_partner(owner, weight_shape, order)
+            if norms_by_parent is None:
+                norms_by_parent = _norms_by_parent(order)
+            nxt = _named_partner(owner, weight_shape, norms_by_parent.get(_parent(owner.name), ()))
             if nxt is None:
                 continue
             where = (
@@ -232,10 +235,20 @@ NORM_WORD = re.compile(
 )
 
 
+def _norms_by_parent(order: Sequence[_Module]) -> dict[str, list[_Module]]:
+    """The norms among `order`, by the module holding them (in their order)."""
+    found: dict[str, list[_Module]] = {}
+    for module in order:
+        if module.is_norm:
+            found.setdefault(_parent(module.name), []).append(module)
+    return found
+
+
 def _named_partner(
-    owner: _Module, weight_shape: tuple[int, ...], order: Sequence[_Module]
+    owner: _Module, weight_shape: tuple[int, ...], siblings: Sequence[_Module]
 ) -> _Module | None:
-    """A norm that pairs with `owner` by name: `conv1`/`bn1`, `conv`/`bn`, `fc2`/`norm2`.
+    """A norm that pairs with `owner` by name: `conv1`/`bn1`, `conv`/`bn`, `fc2`/`norm2`;
+    `siblings`: the norms in the module that holds `owner`.
 
     Safetensors files store keys sorted, not in module order, so `bn1` comes before `conv1`
     and the key-order rule cannot see the pair; the names still can.
@@ -247,10 +260,8 @@ def _named_partner(
     suffix = leaf[layer_word.end() :]
     partners = [
         m
-        for m in order
-        if m.is_norm
-        and _parent(m.name) == _parent(owner.name)
-        and (match := NORM_WORD.match(m.name.rpartition(".")[2])) is not None
+        for m in siblings
+        if (match := NORM_WORD.match(m.name.rpartition(".")[2])) is not None
         and m.name.rpartition(".")[2][match.end() :] == suffix
         and _feeds(owner, weight_shape, m)
     ]
