@@ -9,14 +9,16 @@
   lists, dataclasses objects of their fields;
 - `iter_dumps` (a document written in pieces, `Lazy` arrays item by item) joins to `dumps` of
   the same document with each `Lazy` a list, and makes each item only when it writes it; an
-  item written ahead (`Raw(item_text(item))`, as a second process does) is copied in place.
+  item written ahead (`Raw(item_text(item))`, as a second process does) is copied in place;
+- `RecordEncoder` (a report's points) writes exactly what `_compact(to_data(record))` writes,
+  for any values, and `Rows` of its texts are laid out as the objects themselves.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnwd_cli.render.serialize import Lazy, Raw, _compact, dumps, item_text, iter_dumps, to_data
+from bnwd_cli.render.serialize import (
+    Lazy,
+    Raw,
+    RecordEncoder,
+    _compact,
+    dumps,
+    item_text,
+    iter_dumps,
+    rows,
+    to_data,
+)
 
 scalars = (
     st.none()
@@ -192,3 +204,72 @@ def test_iter_dumps_makes_each_item_when_it_writes_it() -> None:
     first = next(pieces)
     assert made == [0] and '"i": 0' in first and '"i": 1' not in first
     assert '"i": 1' in next(pieces) and made == [0, 1]
+
+
+class Shade(Enum):
+    DARK = "dark"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A report point's kind of record: a few fields, one left out of the JSON."""
+
+    a: Any
+    b: Any
+    c: Any = None
+    hidden: Any = field(default="not written", repr=False)
+
+
+any_float = st.floats() | st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 1e-300, 1e300])
+flat_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | any_float
+    | st.tuples(any_float, any_float)
+    | st.lists(st.integers(min_value=-5, max_value=5), max_size=3)
+)
+record_values = (
+    flat_values
+    | st.text(max_size=6)  # strings: `to_data`'s path
+    | st.builds(np.float64, any_float)  # a float subclass, as the C encoder writes floats
+    | st.builds(np.int64, st.integers(min_value=-(2**40), max_value=2**40))  # refused by it
+    | st.just(Shade.DARK)
+    | st.lists(st.lists(any_float, max_size=2), max_size=2)  # arrays in arrays
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(a=record_values, b=record_values, c=record_values)
+def test_record_encoder_writes_what_to_data_and_compact_write(a: Any, b: Any, c: Any) -> None:
+    record = Record(a, b, c)
+    assert RecordEncoder(Record)(record) == _compact(to_data(record))
+
+
+@settings(max_examples=200, deadline=None)
+@given(records=st.lists(st.builds(Record, flat_values, flat_values, flat_values), max_size=4))
+def test_rows_of_records_are_laid_out_as_the_records(records: list[Record]) -> None:
+    encode = RecordEncoder(Record)
+    plain = {"name": "layer", "points": [to_data(r) for r in records], "shape": [3, 4]}
+    written = {**plain, "points": rows([encode(r) for r in records])}
+    assert dumps(written) == dumps(plain)
+    assert item_text(written) == item_text(plain)
+
+
+def test_record_encoder_takes_the_shortcut_for_plain_numbers() -> None:
+    """The fast path is taken (not only the general one): a record whose values the C encoder
+    writes as `to_data` would comes out of the template, keys and all."""
+    encode = RecordEncoder(Record)
+    assert encode(Record(1, 0.5, (0.9, 0.999))) == '{"a": 1, "b": 0.5, "c": [0.9, 0.999]}'
+    calls: list[Any] = []
+    import bnwd_cli.render.serialize as serialize
+
+    original = serialize.to_data
+    try:
+        serialize.to_data = lambda value: calls.append(value) or original(value)
+        encode(Record(2, None, True))
+        assert calls == []
+        encode(Record(2, math.nan, True))
+        assert len(calls) == 1
+    finally:
+        serialize.to_data = original

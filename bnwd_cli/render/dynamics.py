@@ -12,6 +12,7 @@ from bnwd_cli.graph.classes import ParamKind
 from bnwd_cli.metrics.dynamics import (
     CheckpointInfo,
     LayerDynamics,
+    LayerPoint,
     LayerRenderer,
     RunDynamics,
     layers_by_kind,
@@ -24,7 +25,15 @@ from bnwd_cli.render.audit import (
 )
 from bnwd_cli.render.console import rendered_text, text_console
 from bnwd_cli.render.output import SCHEMA_VERSION, OutputFormat
-from bnwd_cli.render.serialize import Lazy, Raw, item_text, iter_dumps, to_data
+from bnwd_cli.render.serialize import (
+    Lazy,
+    Raw,
+    RecordEncoder,
+    item_text,
+    iter_dumps,
+    rows,
+    to_data,
+)
 
 if TYPE_CHECKING:  # Rich is imported where a table is drawn (render.console)
     from rich.table import Table
@@ -313,13 +322,13 @@ def report_document(report: RunDynamics) -> dict[str, object]:
     return _document(report, [_layer_document(layer) for layer in report.layers])
 
 
-def _layer_document(layer: LayerDynamics) -> dict[str, object]:
+def _layer_document(layer: LayerDynamics, points: object = None) -> dict[str, object]:
     return {
         "name": layer.name,
         "shape": list(layer.shape),
         "classification": to_data(layer.classification),
         "summary": to_data(layer.summary),
-        "points": to_data(layer.points),
+        "points": to_data(layer.points) if points is None else points,
         "equilibrium": to_data(layer.equilibrium),
     }
 
@@ -350,17 +359,22 @@ def render_json_pieces(report: RunDynamics) -> Iterator[str]:
     never held as one document or one text."""
     texts = report.prerendered.of(json_layer_text) if report.prerendered else None
     if texts is None:
-        return iter_dumps(_document(report, Lazy(map(_layer_document, report.layers))))
+        texts = (None,) * len(report.layers)
     items = (
-        Raw(text) if text is not None else _layer_document(layer)
+        Raw(text if text is not None else json_layer_text(layer, report.checkpoints))
         for layer, text in zip(report.layers, texts, strict=True)
     )
     return iter_dumps(_document(report, Lazy(items)))
 
 
+_POINT_JSON = RecordEncoder(LayerPoint)
+
+
 def json_layer_text(layer: LayerDynamics, checkpoints: Sequence[CheckpointInfo]) -> str:
-    """A layer's object in the JSON of `render_json_pieces`."""
-    return item_text(_layer_document(layer))
+    """A layer's object in the JSON of `render_json_pieces` (`item_text` of its
+    `report_document` part)."""
+    points = rows([_POINT_JSON(point) for point in layer.points])
+    return item_text(_layer_document(layer, points))
 
 
 def render_markdown(report: RunDynamics) -> str:
