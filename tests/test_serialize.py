@@ -206,10 +206,6 @@ def test_iter_dumps_makes_each_item_when_it_writes_it() -> None:
     assert '"i": 1' in next(pieces) and made == [0, 1]
 
 
-class Shade(Enum):
-    DARK = "dark"
-
-
 @dataclass(frozen=True)
 class Record:
     """A report point's kind of record: a few fields, one left out of the JSON."""
@@ -234,7 +230,7 @@ record_values = (
     | st.text(max_size=6)  # strings: `to_data`'s path
     | st.builds(np.float64, any_float)  # a float subclass, as the C encoder writes floats
     | st.builds(np.int64, st.integers(min_value=-(2**40), max_value=2**40))  # refused by it
-    | st.just(Shade.DARK)
+    | st.just(Colour.RED)
     | st.lists(st.lists(any_float, max_size=2), max_size=2)  # arrays in arrays
 )
 
