@@ -9,6 +9,7 @@ The installed Typer keeps stderr apart from stdout in `Result` (`result.stdout`,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -463,6 +464,49 @@ def test_every_command_and_option_has_help() -> None:
             assert text and text.strip(), f"{name}: {param.name} has no help"
 
 
+def test_the_entry_point_builds_only_the_command_that_runs() -> None:
+    """`main` hands Typer the command the first argument names, alone (building the others
+    costs start-up time); anything else (help, a misspelt command) gets the whole group, and
+    the app is left with every command."""
+    from bnwd_cli.cli.app import _command_named
+
+    registered = app.registered_commands
+    assert len(registered) == 5
+    for name in ("inspect", "check", "suggest-groups", "verify-invariance", "plot"):
+        assert [c.name for c in _command_named([name, "x"], registered)] == [name]
+    for args in ([], ["--help"], ["inspec"], ["--version", "inspect"], ["-h"]):
+        assert _command_named(args, registered) is registered
+
+    def bnwd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bnwd_cli", *args], capture_output=True, text=True,
+            timeout=120, check=False, env={**os.environ, "COLUMNS": "120"},
+        )  # fmt: skip
+
+    listing = bnwd("--help")
+    assert listing.returncode == 0
+    assert all(name in listing.stdout for name in ("inspect", "check", "suggest-groups", "plot"))
+    misspelt = bnwd("inspec")
+    assert misspelt.returncode == EXIT_BAD_INPUT and "inspect" in misspelt.stderr
+    one = bnwd("check", "--help")
+    assert one.returncode == 0 and "--fail-on" in one.stdout
+
+
+def test_the_entry_point_leaves_the_app_with_every_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bnwd_cli.cli import app as app_module
+
+    registered = list(app.registered_commands)
+    exits: list[int] = []
+    monkeypatch.setattr(app_module, "_exit_now", exits.append)
+    monkeypatch.setattr(sys, "argv", ["bnwd", "check", "--help"])
+    with contextlib.suppress(SystemExit):  # (re-raised where coverage measures the run)
+        app_module.main()
+    assert "--fail-on" in capsys.readouterr().out
+    assert app.registered_commands == registered
+
+
 def test_inspect_help_exits_0() -> None:
     result = invoke(["inspect", "--help"])
     assert result.exit_code == EXIT_OK
@@ -602,11 +646,13 @@ BLAS_PROBE = """
 import os, sys
 import bnwd_cli.cli.app
 cli = sys.modules["bnwd_cli.cli.app"]
-def probe():  # in place of the Typer app: what a command finds once numpy is imported
-    import numpy  # noqa: F401
-    print(len(os.listdir("/proc/self/task")), os.environ.get("OPENBLAS_NUM_THREADS"))
-    raise SystemExit(0)
-cli.app = probe
+class Probe:  # in place of the Typer app: what a command finds once numpy is imported
+    registered_commands = []
+    def __call__(self):
+        import numpy  # noqa: F401
+        print(len(os.listdir("/proc/self/task")), os.environ.get("OPENBLAS_NUM_THREADS"))
+        raise SystemExit(0)
+cli.app = Probe()
 cli.main()
 """
 
