@@ -75,6 +75,8 @@ class OrderSource(StrEnum):
 
 @dataclass(frozen=True)
 class SkippedFile:
+    """A file in the folder that is not a checkpoint of the run, and why."""
+
     path: Path
     reason: str
 
@@ -104,6 +106,8 @@ class RunCheckpoints:
 
 @dataclass
 class _Candidate:
+    """A file or folder that may be a checkpoint, with what its name and contents say."""
+
     ref: CheckpointRef
     run_dir: Path
     name_step: int | None

@@ -48,6 +48,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class _Module:
+    """A module of the state dict: its name, its parameters' shapes, its buffers."""
+
     name: str
     params: dict[str, tuple[int, ...]]
     buffers: frozenset[str]

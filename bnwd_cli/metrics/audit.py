@@ -48,6 +48,8 @@ class ParamEvidence:
 
 @dataclass(frozen=True)
 class AuditFinding:
+    """One finding of the weight-decay audit (THEORY.md section 5)."""
+
     id: str
     severity: AuditSeverity
     title: str

@@ -80,6 +80,8 @@ around each piece, for a peak of 108 MB instead of about 165 MB (docs/performanc
 
 @dataclass(frozen=True)
 class InspectOptions:
+    """What `analyze_run` is asked for (the options of `bnwd inspect`)."""
+
     layers: str | None = None
     """Regular expression: analyze only parameters whose name it matches (re.search)."""
     lr: float | None = None
@@ -141,6 +143,8 @@ class LayerPoint:
 
 @dataclass(frozen=True)
 class LayerSummary:
+    """A layer over the whole run: first and last figures, and how they changed."""
+
     norm_first: float
     norm_last: float
     norm_growth: float
@@ -155,6 +159,8 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class LayerDynamics:
+    """One parameter over the run: its classification, a point per checkpoint, a summary."""
+
     name: str
     shape: tuple[int, ...]
     classification: ParamClassification
@@ -166,6 +172,8 @@ class LayerDynamics:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """One checkpoint read: where it sits in the run and what its optimizer state says."""
+
     label: str
     step: int | None
     epoch: int | None

@@ -324,6 +324,8 @@ def _subsequence_match(
 
 @dataclass(frozen=True)
 class _Layout:
+    """A way the optimizer state's parameter ids may map to the model's names."""
+
     mapping: NameMapping
     description: str
     groups: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]
