@@ -6,12 +6,14 @@ report are there.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,12 +102,17 @@ def test_ab_script_tells_different_reports(tmp_path: Path) -> None:
     assert "reports: DIFFERENT (first at .bnwd_version: '0.1.0' against '0.0.0+ab')" in done.stdout
 
 
-def test_ab_script_says_how_reports_differ(tmp_path: Path) -> None:
+def benchmark_module(name: str) -> Any:
+    """A script of benchmarks/ imported as a module (they import one another by name)."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        from ab_inspect import difference
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPT.parent))
+
+
+def test_ab_script_says_how_reports_differ(tmp_path: Path) -> None:
+    difference = benchmark_module("ab_inspect").difference
     a, b = tmp_path / "a.json", tmp_path / "b.json"
 
     def differ(x: object, y: object) -> str:
@@ -145,11 +152,7 @@ def _swept_pieces(run: Path, floor: bool) -> list[tuple]:
     """Every piece of every window sweep of `run`: its rectangle and the checkpoints' arrays."""
     from bnwd_cli.metrics import dynamics, kernels
 
-    sys.path.insert(0, str(FLOOR_SCRIPT.parent))
-    try:
-        import sweep_floor
-    finally:
-        sys.path.remove(str(FLOOR_SCRIPT.parent))
+    sweep_floor = benchmark_module("sweep_floor")
     seen: list[tuple] = []
     sweep = kernels._window_piece
 

@@ -61,6 +61,12 @@ typedef struct {
     int kind;
 } source;
 
+/* Bytes per element of a kind. */
+INLINE Py_ssize_t itemsize_of(int kind)
+{
+    return kind == KIND_F64 ? 8 : (kind == KIND_F32 ? 4 : 2);
+}
+
 typedef struct {
     int kind;
     source x, y;
@@ -240,7 +246,7 @@ static void sweep(double *restrict sums, Py_ssize_t rows, Py_ssize_t cols, Py_ss
 INLINE void prefetch(const source *src, Py_ssize_t at, Py_ssize_t n, Py_ssize_t end)
 {
 #if defined(__GNUC__) || defined(__clang__)
-    Py_ssize_t itemsize = src->kind == KIND_F64 ? 8 : (src->kind == KIND_F32 ? 4 : 2), b, stop;
+    Py_ssize_t itemsize = itemsize_of(src->kind), b, stop;
     const char *p = (const char *)src->ptr;
     if (p == NULL)
         return;
@@ -322,7 +328,7 @@ static void window_sweep(double *restrict sums, Py_ssize_t n, Py_ssize_t rows, P
 static void populate(const source *src, Py_ssize_t first, Py_ssize_t last)
 {
 #if defined(__linux__)
-    Py_ssize_t itemsize = src->kind == KIND_F64 ? 8 : (src->kind == KIND_F32 ? 4 : 2);
+    Py_ssize_t itemsize = itemsize_of(src->kind);
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), start, end;
     if (src->ptr == NULL || (last - first) * itemsize < POPULATE_MIN)
         return;
@@ -369,7 +375,7 @@ static int get_source(PyObject *obj, int kind, Py_ssize_t need, Py_buffer *view,
     }
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0)
         return -1;
-    itemsize = kind == KIND_F64 ? 8 : (kind == KIND_F32 ? 4 : 2);
+    itemsize = itemsize_of(kind);
     if (view->len < need * itemsize) {
         PyBuffer_Release(view);
         PyErr_Format(PyExc_ValueError, "%s: buffer of %zd bytes is shorter than %zd elements",

@@ -261,8 +261,8 @@ def _analyze(
 ) -> RunDynamics:
     pattern = _compile(options.layers)
     run = discover_run(path, trust_pickle=options.trust_pickle, strict=options.strict)
+    # warnings in order, and where window k's layers' warnings go, k itself
     warnings: list[str | int] = [p.message + " (skipped)" for p in run.problems]
-    """Warnings in order, and where window k's layers' warnings go, k itself."""
     notes = list(run.notes)
 
     accumulators: dict[str, _LayerAccumulator] = {}
@@ -356,11 +356,13 @@ def _analyze(
                 sweep_window()
         if window:
             sweep_window()
-        found: dict[str, LayerShare] = {}
+        # each process finishes its own layers, and where they are shared renders them too,
+        # before the parent waits for the child's
+        rendering: tuple[LayerRenderer, Sequence[CheckpointInfo]] | None = None
+        if fork is not None and render_layer is not None:
+            rendering = (render_layer, tuple(infos))
+        found = {name: acc.share(family, rendering) for name, acc in accumulators.items()}
         if fork is not None:
-            # each process finishes (and renders) its own layers before the parent waits
-            rendering = (render_layer, tuple(infos)) if render_layer is not None else None
-            found = {name: acc.share(family, rendering) for name, acc in accumulators.items()}
             if fork.child:
                 fork.send(found)
             found.update(fork.receive())
@@ -392,8 +394,6 @@ def _analyze(
     assert classification is not None
     if options.classification is None:
         notes.extend(classification.notes)
-    if fork is None:
-        found = {name: acc.share(family) for name, acc in accumulators.items()}
     if set(found) != set(order):
         raise SplitFailedError("the two processes' layers do not add up to the run's layers")
     shared = [found[name] for name in order]

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnwd_cli.checkpoints.arrays import as_array, tag_of, widened
+from bnwd_cli.metrics.split import available_cores
 
 if TYPE_CHECKING:  # imported where a pool is first made: two processes sweep a thread each
     from concurrent.futures import ThreadPoolExecutor
@@ -631,9 +632,7 @@ def share_cores(processes: int) -> None:
     _sharing = max(1, processes)
 
 
-_CORES = min(
-    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8
-)
+_CORES = min(available_cores(), 8)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:

@@ -63,7 +63,7 @@ def auto_processes() -> int:
     setting = os.environ.get("BNWD_PROCESSES", "")
     if setting.isdigit() and int(setting) > 0:
         return min(int(setting), 2)
-    return 2 if sys.platform.startswith("linux") and _cores() >= 2 else 1
+    return 2 if sys.platform.startswith("linux") and available_cores() >= 2 else 1
 
 
 def can_fork() -> bool:
@@ -108,7 +108,8 @@ def shares(sizes: Mapping[str, int]) -> tuple[set[str], set[str]]:
     return set(names[:cut]), set(names[cut:])
 
 
-def _cores() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the system has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

@@ -258,10 +258,15 @@ def render_csv_pieces(report: RunDynamics) -> Iterator[str]:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(CSV_COLUMNS)
     yield buffer.getvalue()
-    texts = report.prerendered.of(csv_layer_text) if report.prerendered else None
-    for i, layer in enumerate(report.layers):
-        text = texts[i] if texts is not None else None
+    for layer, text in zip(report.layers, _made_ahead(report, csv_layer_text), strict=True):
         yield text if text is not None else csv_layer_text(layer, report.checkpoints)
+
+
+def _made_ahead(report: RunDynamics, renderer: LayerRenderer) -> Sequence[str | None]:
+    """Per layer, its text by `renderer` where the process that analyzed it made it, else None
+    (`analyze_run(render_layer=)`)."""
+    texts = report.prerendered.of(renderer) if report.prerendered is not None else None
+    return texts if texts is not None else (None,) * len(report.layers)
 
 
 def csv_layer_text(layer: LayerDynamics, checkpoints: Sequence[CheckpointInfo]) -> str:
@@ -357,12 +362,9 @@ def _document(report: RunDynamics, layers: object) -> dict[str, object]:
 def render_json_pieces(report: RunDynamics) -> Iterator[str]:
     """The JSON of `report_document`, a layer at a time (`iter_dumps`): a long run's report is
     never held as one document or one text."""
-    texts = report.prerendered.of(json_layer_text) if report.prerendered else None
-    if texts is None:
-        texts = (None,) * len(report.layers)
     items = (
         Raw(text if text is not None else json_layer_text(layer, report.checkpoints))
-        for layer, text in zip(report.layers, texts, strict=True)
+        for layer, text in zip(report.layers, _made_ahead(report, json_layer_text), strict=True)
     )
     return iter_dumps(_document(report, Lazy(items)))
 
