@@ -34,7 +34,7 @@ throughput from the fixed start-up cost. The share of the files' page cache in 2
 printed too: with the files read back from disk in small folios, `cat` takes up to twice as long
 (docs/performance.md).
 
-    .venv/bin/python benchmarks/bench_inspect.py                 # full run, about 4 minutes
+    .venv/bin/python benchmarks/bench_inspect.py                 # full run: 1.5 min, 4-5 the first time
     .venv/bin/python benchmarks/bench_inspect.py --optimizer adam --formats torch \\
         --memory-checkpoints 5,20 --data /work/bench-data/adam    # Adam state (3 tensors/param)
     .venv/bin/python benchmarks/bench_inspect.py --params 2e6 --checkpoints 5 \\
